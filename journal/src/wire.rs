@@ -1,0 +1,635 @@
+//! The replication wire protocol as pure codecs: the frames an agent and an appliance
+//! exchange on their QUIC stream, `encode` into bytes and `decode` from bytes.
+//!
+//! Layout byte by byte in `docs/wire-protocol.md`. Record batches carry records exactly as
+//! the journal stores them; this module checks only the framing, never trusts a length it has
+//! not bounded, and never panics on any input. Verifying the records inside a batch is the
+//! lander's job ([`crate::ship`]).
+
+use crate::record::RECORD_BYTES_MAX;
+use crate::types::{DiskId, Generation, JobId, Seq};
+
+/// The four bytes a `Hello` starts with, so that a stray client is told apart at once.
+pub const WIRE_MAGIC: [u8; 4] = *b"CDPW";
+/// The protocol version this code speaks.
+pub const WIRE_VERSION: u16 = 1;
+/// Bytes of a frame's length prefix.
+pub const FRAME_PREFIX_BYTES: usize = 4;
+/// Largest frame body (type byte included) a peer may send: one batch holding the largest
+/// record, plus the batch header. Anything longer is refused before it is buffered.
+pub const FRAME_BODY_BYTES_MAX: usize = RECORD_BYTES_MAX + 64;
+/// Longest job or disk name, in bytes of UTF-8.
+pub const NAME_BYTES_MAX: usize = 255;
+/// Most disks in one job.
+pub const DISKS_MAX: usize = 256;
+/// Longest refusal message, in bytes of UTF-8.
+pub const MESSAGE_BYTES_MAX: usize = 1024;
+
+const TYPE_HELLO: u8 = 1;
+const TYPE_WELCOME: u8 = 2;
+const TYPE_REFUSE: u8 = 3;
+const TYPE_BATCH: u8 = 4;
+const TYPE_ACK: u8 = 5;
+const TYPE_HEARTBEAT: u8 = 6;
+const TYPE_RESEND: u8 = 7;
+
+/// How the agent acknowledges its client's writes (the job's replication mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A write is acknowledged once it is in the agent's journal.
+    Async,
+    /// A write is acknowledged only once the appliance holds it durably (RPO 0).
+    Sync,
+}
+
+/// One disk of the job as the agent announces it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// The disk's id within the job; stable for the job's life.
+    pub disk: DiskId,
+    /// The disk's name (the NBD export name on the agent).
+    pub name: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+}
+
+/// Agent → appliance, first frame of a connection: who it is and what it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version the agent speaks.
+    pub version: u16,
+    /// The job (consistency group) this stream carries.
+    pub job: JobId,
+    /// The job's human name.
+    pub job_name: String,
+    /// Generation the agent writes.
+    pub generation: Generation,
+    /// Replication mode.
+    pub mode: Mode,
+    /// Highest seq in the agent's journal.
+    pub head_seq: Seq,
+    /// Highest seq durable in the agent's journal; only records up to it are ever shipped.
+    pub durable_seq: Seq,
+    /// Oldest seq the agent still holds (everything below was trimmed).
+    pub first_seq: Seq,
+    /// The job's disks.
+    pub disks: Vec<DiskInfo>,
+}
+
+/// Appliance → agent: the hello is accepted; stream from `landing_durable_seq + 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    /// Protocol version the appliance will speak on this connection.
+    pub version: u16,
+    /// Highest seq durable in the appliance's landing journal for this job.
+    pub landing_durable_seq: Seq,
+    /// Highest seq applied to the replica disks.
+    pub applied_seq: Seq,
+}
+
+/// Why an appliance refused a hello; the byte values are part of the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefuseCode {
+    /// The agent speaks a version the appliance does not.
+    Version,
+    /// The hello contradicts what the appliance knows of the job (disks, sizes).
+    JobMismatch,
+    /// The generations disagree in a way that needs an operator (split brain).
+    Generation,
+    /// The agent no longer holds the seqs the appliance needs next: a resync is required.
+    Gap,
+    /// Another connection already carries this job.
+    Busy,
+    /// The appliance failed internally; the message says how.
+    Internal,
+}
+
+/// Appliance → agent: the connection is refused; the appliance closes it next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refuse {
+    /// Why.
+    pub code: RefuseCode,
+    /// For the operator's log.
+    pub message: String,
+}
+
+/// Agent → appliance: records `first_seq ..= last_seq()` exactly as stored in the journal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// Seq of the first record in `records`.
+    pub first_seq: Seq,
+    /// Number of records in `records`. Invariant (checked by the decoder): at least one.
+    pub count: u32,
+    /// The records back to back, as the journal stores them.
+    pub records: Vec<u8>,
+}
+
+impl Batch {
+    /// Seq of the last record of the batch.
+    pub fn last_seq(&self) -> Seq {
+        Seq(self.first_seq.0.saturating_add(u64::from(self.count).saturating_sub(1)))
+    }
+}
+
+/// Agent → appliance, periodically: the agent's view of its lag, on its own clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The agent's clock when it sent this, in microseconds since the Unix epoch.
+    pub sent_at_micros: u64,
+    /// Highest seq in the agent's journal.
+    pub head_seq: Seq,
+    /// Age of the oldest write not yet durable at the appliance, in microseconds.
+    pub rpo_micros: u64,
+    /// Records not yet acknowledged.
+    pub lag_records: u64,
+    /// Stored bytes not yet acknowledged.
+    pub lag_bytes: u64,
+}
+
+/// Why the appliance asks for records again; the byte values are part of the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResendReason {
+    /// A record failed its checksum or could not be decoded.
+    Corrupt,
+    /// A batch did not start where the previous one ended.
+    Gap,
+}
+
+/// Appliance → agent: discard what is in flight from `from_seq` on and send it again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resend {
+    /// First seq to send again; every earlier one is landed.
+    pub from_seq: Seq,
+    /// Why.
+    pub reason: ResendReason,
+}
+
+/// Every frame of the protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// See [`Welcome`].
+    Welcome(Welcome),
+    /// See [`Refuse`].
+    Refuse(Refuse),
+    /// See [`Batch`].
+    Batch(Batch),
+    /// Appliance → agent: every seq up to this one is durable in the landing journal.
+    Ack(Seq),
+    /// See [`Heartbeat`].
+    Heartbeat(Heartbeat),
+    /// See [`Resend`].
+    Resend(Resend),
+}
+
+/// Why bytes could not be decoded into a frame.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The bytes are a valid prefix; at least `needed` bytes in all are required.
+    #[error("incomplete frame: {needed} bytes needed")]
+    Incomplete {
+        /// Total bytes needed from the start of the frame (a lower bound).
+        needed: usize,
+    },
+    /// The bytes can never become a valid frame; the connection must be closed.
+    #[error("invalid frame: {0}")]
+    Invalid(&'static str),
+}
+
+/// Encodes `frame`, appending its bytes (length prefix included) to `out`.
+pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_PREFIX_BYTES]);
+    match frame {
+        Frame::Hello(h) => {
+            out.push(TYPE_HELLO);
+            out.extend_from_slice(&WIRE_MAGIC);
+            out.extend_from_slice(&h.version.to_le_bytes());
+            out.push(match h.mode {
+                Mode::Async => 0,
+                Mode::Sync => 1,
+            });
+            out.push(0);
+            out.extend_from_slice(&h.job.0);
+            out.extend_from_slice(&h.generation.0.to_le_bytes());
+            for seq in [h.head_seq, h.durable_seq, h.first_seq] {
+                out.extend_from_slice(&seq.0.to_le_bytes());
+            }
+            put_str(out, &h.job_name, NAME_BYTES_MAX);
+            let disks = &h.disks[..h.disks.len().min(DISKS_MAX)];
+            out.extend_from_slice(&(disks.len() as u16).to_le_bytes());
+            for d in disks {
+                out.extend_from_slice(&d.disk.0.to_le_bytes());
+                out.extend_from_slice(&d.size_bytes.to_le_bytes());
+                put_str(out, &d.name, NAME_BYTES_MAX);
+            }
+        }
+        Frame::Welcome(w) => {
+            out.push(TYPE_WELCOME);
+            out.extend_from_slice(&w.version.to_le_bytes());
+            out.extend_from_slice(&w.landing_durable_seq.0.to_le_bytes());
+            out.extend_from_slice(&w.applied_seq.0.to_le_bytes());
+        }
+        Frame::Refuse(r) => {
+            out.push(TYPE_REFUSE);
+            out.extend_from_slice(&refuse_code_to_u16(r.code).to_le_bytes());
+            put_str(out, &r.message, MESSAGE_BYTES_MAX);
+        }
+        Frame::Batch(b) => {
+            out.push(TYPE_BATCH);
+            out.extend_from_slice(&b.first_seq.0.to_le_bytes());
+            out.extend_from_slice(&b.count.to_le_bytes());
+            out.extend_from_slice(&b.records);
+        }
+        Frame::Ack(seq) => {
+            out.push(TYPE_ACK);
+            out.extend_from_slice(&seq.0.to_le_bytes());
+        }
+        Frame::Heartbeat(h) => {
+            out.push(TYPE_HEARTBEAT);
+            for v in [
+                h.sent_at_micros,
+                h.head_seq.0,
+                h.rpo_micros,
+                h.lag_records,
+                h.lag_bytes,
+            ] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        Frame::Resend(r) => {
+            out.push(TYPE_RESEND);
+            out.extend_from_slice(&r.from_seq.0.to_le_bytes());
+            out.push(match r.reason {
+                ResendReason::Corrupt => 1,
+                ResendReason::Gap => 2,
+            });
+        }
+    }
+    // A batch is built by the shipper within FRAME_BODY_BYTES_MAX, every other frame is a
+    // few hundred bytes at most, so the body length always fits the u32 prefix.
+    let body = (out.len() - start - FRAME_PREFIX_BYTES) as u32;
+    out[start..start + FRAME_PREFIX_BYTES].copy_from_slice(&body.to_le_bytes());
+}
+
+/// Decodes one frame from the start of `bytes`; returns it and how many bytes it took.
+pub fn decode(bytes: &[u8]) -> Result<(Frame, usize), DecodeError> {
+    let Some(prefix) = bytes.get(..FRAME_PREFIX_BYTES) else {
+        return Err(DecodeError::Incomplete {
+            needed: FRAME_PREFIX_BYTES,
+        });
+    };
+    let body_len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    if body_len == 0 {
+        return Err(DecodeError::Invalid("empty frame"));
+    }
+    if body_len > FRAME_BODY_BYTES_MAX {
+        return Err(DecodeError::Invalid("frame longer than the protocol allows"));
+    }
+    let total = FRAME_PREFIX_BYTES + body_len;
+    let Some(body) = bytes.get(FRAME_PREFIX_BYTES..total) else {
+        return Err(DecodeError::Incomplete { needed: total });
+    };
+    let mut r = Reader { bytes: &body[1..] };
+    let frame = match body[0] {
+        TYPE_HELLO => {
+            if r.take(4)? != WIRE_MAGIC {
+                return Err(DecodeError::Invalid("hello without the protocol's magic"));
+            }
+            let version = r.u16()?;
+            let mode = match r.u8()? {
+                0 => Mode::Async,
+                1 => Mode::Sync,
+                _ => return Err(DecodeError::Invalid("unknown replication mode")),
+            };
+            if r.u8()? != 0 {
+                return Err(DecodeError::Invalid("reserved hello byte is not zero"));
+            }
+            let mut job = [0u8; 16];
+            job.copy_from_slice(r.take(16)?);
+            let generation = Generation(r.u64()?);
+            let head_seq = Seq(r.u64()?);
+            let durable_seq = Seq(r.u64()?);
+            let first_seq = Seq(r.u64()?);
+            if durable_seq > head_seq || head_seq > Seq::MAX {
+                return Err(DecodeError::Invalid("hello seqs out of order"));
+            }
+            let job_name = r.str(NAME_BYTES_MAX)?;
+            let count = usize::from(r.u16()?);
+            if count > DISKS_MAX {
+                return Err(DecodeError::Invalid("too many disks"));
+            }
+            let mut disks = Vec::with_capacity(count);
+            for _ in 0..count {
+                let disk = DiskId(r.u32()?);
+                let size_bytes = r.u64()?;
+                let name = r.str(NAME_BYTES_MAX)?;
+                disks.push(DiskInfo {
+                    disk,
+                    name,
+                    size_bytes,
+                });
+            }
+            Frame::Hello(Hello {
+                version,
+                job: JobId(job),
+                job_name,
+                generation,
+                mode,
+                head_seq,
+                durable_seq,
+                first_seq,
+                disks,
+            })
+        }
+        TYPE_WELCOME => Frame::Welcome(Welcome {
+            version: r.u16()?,
+            landing_durable_seq: Seq(r.u64()?),
+            applied_seq: Seq(r.u64()?),
+        }),
+        TYPE_REFUSE => {
+            let code = refuse_code_from_u16(r.u16()?)
+                .ok_or(DecodeError::Invalid("unknown refusal code"))?;
+            let message = r.str(MESSAGE_BYTES_MAX)?;
+            Frame::Refuse(Refuse { code, message })
+        }
+        TYPE_BATCH => {
+            let first_seq = Seq(r.u64()?);
+            let count = r.u32()?;
+            if count == 0 {
+                return Err(DecodeError::Invalid("empty batch"));
+            }
+            if first_seq < Seq::FIRST || first_seq.0.saturating_add(u64::from(count)) > Seq::MAX.0
+            {
+                return Err(DecodeError::Invalid("batch seqs out of range"));
+            }
+            let records = r.rest().to_vec();
+            Frame::Batch(Batch {
+                first_seq,
+                count,
+                records,
+            })
+        }
+        TYPE_ACK => Frame::Ack(Seq(r.u64()?)),
+        TYPE_HEARTBEAT => Frame::Heartbeat(Heartbeat {
+            sent_at_micros: r.u64()?,
+            head_seq: Seq(r.u64()?),
+            rpo_micros: r.u64()?,
+            lag_records: r.u64()?,
+            lag_bytes: r.u64()?,
+        }),
+        TYPE_RESEND => {
+            let from_seq = Seq(r.u64()?);
+            let reason = match r.u8()? {
+                1 => ResendReason::Corrupt,
+                2 => ResendReason::Gap,
+                _ => return Err(DecodeError::Invalid("unknown resend reason")),
+            };
+            Frame::Resend(Resend { from_seq, reason })
+        }
+        _ => return Err(DecodeError::Invalid("unknown frame type")),
+    };
+    if !r.bytes.is_empty() {
+        return Err(DecodeError::Invalid("trailing bytes in frame"));
+    }
+    Ok((frame, total))
+}
+
+fn refuse_code_to_u16(code: RefuseCode) -> u16 {
+    match code {
+        RefuseCode::Version => 1,
+        RefuseCode::JobMismatch => 2,
+        RefuseCode::Generation => 3,
+        RefuseCode::Gap => 4,
+        RefuseCode::Busy => 5,
+        RefuseCode::Internal => 6,
+    }
+}
+
+fn refuse_code_from_u16(code: u16) -> Option<RefuseCode> {
+    Some(match code {
+        1 => RefuseCode::Version,
+        2 => RefuseCode::JobMismatch,
+        3 => RefuseCode::Generation,
+        4 => RefuseCode::Gap,
+        5 => RefuseCode::Busy,
+        6 => RefuseCode::Internal,
+        _ => return None,
+    })
+}
+
+/// Writes a u16 length and at most `max` bytes of `s`, cut at a character boundary.
+fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&(end as u16).to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..end]);
+}
+
+/// Reads fields from a frame body whose length is already known to be complete, so running
+/// out of bytes means the frame is malformed, not incomplete.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.bytes.len() < n {
+            return Err(DecodeError::Invalid("frame shorter than its fields"));
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Ok(head)
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.bytes)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    fn str(&mut self, max: usize) -> Result<String, DecodeError> {
+        let len = usize::from(self.u16()?);
+        if len > max {
+            return Err(DecodeError::Invalid("name or message too long"));
+        }
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::Invalid("text is not UTF-8"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hello() -> Hello {
+        Hello {
+            version: WIRE_VERSION,
+            job: JobId([7; 16]),
+            job_name: "erp-db".into(),
+            generation: Generation(3),
+            mode: Mode::Sync,
+            head_seq: Seq(90),
+            durable_seq: Seq(88),
+            first_seq: Seq(10),
+            disks: vec![
+                DiskInfo {
+                    disk: DiskId(0),
+                    name: "os".into(),
+                    size_bytes: 8 << 30,
+                },
+                DiskInfo {
+                    disk: DiskId(1),
+                    name: "data".into(),
+                    size_bytes: 1 << 40,
+                },
+            ],
+        }
+    }
+
+    fn every_frame() -> Vec<Frame> {
+        vec![
+            Frame::Hello(hello()),
+            Frame::Welcome(Welcome {
+                version: WIRE_VERSION,
+                landing_durable_seq: Seq(77),
+                applied_seq: Seq(70),
+            }),
+            Frame::Refuse(Refuse {
+                code: RefuseCode::Gap,
+                message: "seq 5 was trimmed by the agent".into(),
+            }),
+            Frame::Batch(Batch {
+                first_seq: Seq(5),
+                count: 2,
+                records: vec![1, 2, 3, 4, 5],
+            }),
+            Frame::Ack(Seq(9)),
+            Frame::Heartbeat(Heartbeat {
+                sent_at_micros: 1_700_000_000_000_000,
+                head_seq: Seq(12),
+                rpo_micros: 1500,
+                lag_records: 3,
+                lag_bytes: 12288,
+            }),
+            Frame::Resend(Resend {
+                from_seq: Seq(6),
+                reason: ResendReason::Corrupt,
+            }),
+        ]
+    }
+
+    /// Decoding `bytes` gives `expected`: a frame and its length, or an error.
+    fn check(bytes: &[u8], expected: Result<(Frame, usize), DecodeError>) {
+        assert_eq!(decode(bytes), expected, "bytes: {bytes:02x?}");
+    }
+
+    #[test]
+    fn every_frame_round_trips_and_every_prefix_is_incomplete() {
+        for frame in every_frame() {
+            let mut bytes = Vec::new();
+            encode(&frame, &mut bytes);
+            check(&bytes, Ok((frame.clone(), bytes.len())));
+            for cut in 0..bytes.len() {
+                assert!(
+                    matches!(decode(&bytes[..cut]), Err(DecodeError::Incomplete { .. })),
+                    "{frame:?} cut at {cut}"
+                );
+            }
+            // Two frames back to back: the first decode takes exactly the first.
+            let mut two = bytes.clone();
+            encode(&Frame::Ack(Seq(1)), &mut two);
+            assert_eq!(decode(&two).unwrap().1, bytes.len());
+        }
+    }
+
+    #[test]
+    fn malformed_frames_are_invalid() {
+        let invalid = |what| Err(DecodeError::Invalid(what));
+        check(&[0, 0, 0, 0], invalid("empty frame"));
+        check(&[1, 0, 0, 0, 99], invalid("unknown frame type"));
+        let huge = (FRAME_BODY_BYTES_MAX as u32 + 1).to_le_bytes();
+        check(&huge, invalid("frame longer than the protocol allows"));
+        // An ack with a byte too many, and one with a byte too few.
+        check(
+            &[10, 0, 0, 0, TYPE_ACK, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+            invalid("trailing bytes in frame"),
+        );
+        check(
+            &[8, 0, 0, 0, TYPE_ACK, 1, 0, 0, 0, 0, 0, 0],
+            invalid("frame shorter than its fields"),
+        );
+        // A batch of zero records.
+        let mut b = vec![13, 0, 0, 0, TYPE_BATCH];
+        b.extend_from_slice(&5u64.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        check(&b, invalid("empty batch"));
+        // A hello from something that is not a cdp agent.
+        let mut bytes = Vec::new();
+        encode(&Frame::Hello(hello()), &mut bytes);
+        bytes[5] = b'X';
+        check(&bytes, invalid("hello without the protocol's magic"));
+    }
+
+    #[test]
+    fn hello_with_durable_past_head_is_invalid() {
+        let mut h = hello();
+        h.durable_seq = Seq(91);
+        let mut bytes = Vec::new();
+        encode(&Frame::Hello(h), &mut bytes);
+        check(&bytes, Err(DecodeError::Invalid("hello seqs out of order")));
+    }
+
+    #[test]
+    fn overlong_names_are_cut_at_a_character_boundary() {
+        let mut h = hello();
+        h.job_name = "é".repeat(200); // 400 bytes
+        let mut bytes = Vec::new();
+        encode(&Frame::Hello(h), &mut bytes);
+        let Ok((Frame::Hello(back), _)) = decode(&bytes) else {
+            panic!("hello did not decode");
+        };
+        assert_eq!(back.job_name, "é".repeat(127));
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn flipped_bytes_never_panic(index in 0usize..400, bit in 0u8..8) {
+            for frame in every_frame() {
+                let mut bytes = Vec::new();
+                encode(&frame, &mut bytes);
+                let i = index % bytes.len();
+                bytes[i] ^= 1 << bit;
+                let _ = decode(&bytes);
+            }
+        }
+    }
+}
