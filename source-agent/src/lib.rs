@@ -1,1 +1,33 @@
-//! The source agent: an NBD server in the VM's I/O path that journals every write.
+//! The source agent (`cdp-agent`): an NBD server in the VM's I/O path that passes every
+//! request through the disk's filter chain (`stats` → `journal`) to the backing disk, so every
+//! write is in the job's journal before it is acknowledged.
+//!
+//! Map: [`config`] and [`cli`] (what to run), [`agent`] (assembly, start-up protocol,
+//! shutdown), [`server`] (sockets, handshake, transmission), [`chain`] and [`filter`] (the
+//! filter chain), [`backing`] (the backing-disk trait), [`sink`] and [`journal_sink`] (the
+//! journal), [`ranges`] (write ordering), [`registry`] (stable disk ids), [`metrics`],
+//! [`replay`].
+//!
+//! Must never acknowledge a write that is not in the journal, and never let client input
+//! panic the process or reach a disk unvalidated.
+
+// Tests may unwrap: a panic there is a failed test. `cargo clippy --all-targets` also lints
+// the library without `cfg(test)`.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod agent;
+pub mod backing;
+pub mod chain;
+pub mod cli;
+pub mod config;
+pub mod filter;
+pub mod journal_sink;
+pub mod metrics;
+pub mod ranges;
+pub mod registry;
+pub mod replay;
+pub mod server;
+pub mod sink;
+
+pub use agent::{run, Agent, Listening, Overrides, RunError, ServeError, StartError};
+pub use config::AgentConfig;

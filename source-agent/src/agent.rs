@@ -1,0 +1,414 @@
+//! Assembles an agent from its configuration: locks the data directory, registers the disks,
+//! opens the journal and the backing disks, builds each disk's filter chain, binds every
+//! listener; then serves until told to stop, finishes in-flight requests and syncs.
+//!
+//! `run` is what `cdp-agent run` calls. It prints the start-up protocol on stdout (one
+//! `listening KIND ADDR` line per listener, then `ready`) only after every listener is bound.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::backing::{BlockDevice, FileDevice};
+use crate::chain::DiskChain;
+use crate::config::{AgentConfig, ConfigError};
+use crate::metrics::AgentMetrics;
+use crate::registry::{DataDirLock, Registry, RegistryError};
+use crate::server::{spawn_connection, Export, ServerContext};
+use crate::sink::RecordSink;
+
+/// A bound listener, as announced on stdout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listening {
+    /// `listening nbd-tcp ADDR`
+    NbdTcp(SocketAddr),
+    /// `listening nbd-unix PATH`
+    NbdUnix(PathBuf),
+    /// `listening metrics ADDR`
+    Metrics(SocketAddr),
+}
+
+impl fmt::Display for Listening {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NbdTcp(addr) => write!(f, "listening nbd-tcp {addr}"),
+            Self::NbdUnix(path) => write!(f, "listening nbd-unix {}", path.display()),
+            Self::Metrics(addr) => write!(f, "listening metrics {addr}"),
+        }
+    }
+}
+
+/// Parts a test can substitute (an in-memory journal, in-memory disks).
+#[derive(Debug, Default)]
+pub struct Overrides {
+    /// The journal to use instead of `DATA_DIR/journal/`.
+    pub sink: Option<Arc<dyn RecordSink>>,
+    /// Backing disks by name, instead of opening the configured paths.
+    pub devices: BTreeMap<String, Arc<dyn BlockDevice>>,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// The configuration breaks a rule.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory cannot be created.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The disk table or the data-directory lock failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A backing disk cannot be opened.
+    #[error("disk {name}: opening {path}: {source}")]
+    Device {
+        /// The disk.
+        name: String,
+        /// Its path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A backing disk's size does not suit its export.
+    #[error("disk {name}: size {size_bytes} bytes is {reason}")]
+    DiskSize {
+        /// The disk.
+        name: String,
+        /// Its size.
+        size_bytes: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The journal cannot be opened.
+    #[error("journal in {path}: {message}")]
+    Journal {
+        /// The journal directory.
+        path: PathBuf,
+        /// The journal's error.
+        message: String,
+    },
+    /// A listener cannot be bound.
+    #[error("binding {what}: {source}")]
+    Bind {
+        /// Which listener.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Why stopping the agent did not end cleanly.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// The final journal sync or a backing-disk sync failed: data the clients flushed may
+    /// not be durable.
+    #[error("final sync failed: {0}")]
+    Sync(String),
+}
+
+/// Why `run` failed.
+#[derive(Debug, Error)]
+pub enum RunError {
+    /// Start-up failed.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// Stopping failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// The start-up lines could not be printed.
+    #[error("writing the start-up lines to stdout: {0}")]
+    Stdout(std::io::Error),
+}
+
+/// A started agent: every listener bound, nothing served yet.
+#[derive(Debug)]
+pub struct Agent {
+    ctx: Arc<ServerContext>,
+    shutdown: watch::Sender<bool>,
+    tcp: Vec<TcpListener>,
+    unix: Vec<(UnixListener, PathBuf)>,
+    metrics_listener: Option<TcpListener>,
+    listening: Vec<Listening>,
+    sink: Arc<dyn RecordSink>,
+    chains: Vec<Arc<DiskChain>>,
+    metrics: Arc<AgentMetrics>,
+    job_hex: String,
+    _lock: DataDirLock,
+}
+
+impl Agent {
+    /// Starts the agent `config` describes.
+    pub async fn start(config: &AgentConfig) -> Result<Self, StartError> {
+        Self::start_with(config, Overrides::default()).await
+    }
+
+    /// Starts the agent with some parts substituted.
+    pub async fn start_with(config: &AgentConfig, overrides: Overrides) -> Result<Self, StartError> {
+        let disks = config.validate()?;
+        let data_dir = &config.data_dir;
+        std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+        let lock = DataDirLock::acquire(data_dir)?;
+        let mut registry = Registry::load_or_new(data_dir)?;
+
+        let mut opened = Vec::with_capacity(disks.len());
+        for disk in &disks {
+            let device: Arc<dyn BlockDevice> = match overrides.devices.get(&disk.name) {
+                Some(device) => Arc::clone(device),
+                None => Arc::new(FileDevice::open(&disk.path).map_err(|source| StartError::Device {
+                    name: disk.name.clone(),
+                    path: disk.path.clone(),
+                    source,
+                })?),
+            };
+            let size_bytes = device.size_bytes();
+            let min = u64::from(disk.block_sizes.min_bytes);
+            if size_bytes == 0 || size_bytes % min != 0 {
+                return Err(StartError::DiskSize {
+                    name: disk.name.clone(),
+                    size_bytes,
+                    reason: format!(
+                        "not a positive multiple of block_size_min {min} (set block_size_min = 1 to export any size)"
+                    ),
+                });
+            }
+            let id = registry.register(&disk.name, size_bytes, &disk.path)?;
+            opened.push((disk, device, id));
+        }
+        registry.save()?;
+
+        let sink = match overrides.sink {
+            Some(sink) => sink,
+            None => crate::journal_sink::open(data_dir, &registry, &config.journal)?,
+        };
+        let metrics = Arc::new(AgentMetrics::new());
+        let mut exports = BTreeMap::new();
+        let mut chains = Vec::new();
+        for (disk, device, id) in opened {
+            let chain = Arc::new(DiskChain::new(id, &disk.name, &disk.chain, device, &sink, &metrics));
+            let filters: Vec<&str> = disk.chain.iter().map(|f| f.name()).collect();
+            exports.insert(
+                disk.name.clone(),
+                Arc::new(Export {
+                    name: disk.name.clone(),
+                    description: format!("cdp-agent disk {} (filters: {})", disk.name, filters.join(", ")),
+                    block_sizes: disk.block_sizes,
+                    chain: Arc::clone(&chain),
+                }),
+            );
+            chains.push(chain);
+        }
+
+        let mut listening = Vec::new();
+        let mut tcp = Vec::new();
+        for addr in &config.nbd_listen {
+            let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+                what: format!("NBD TCP listener {addr}"),
+                source,
+            })?;
+            let bound = listener.local_addr().map_err(|source| StartError::Bind {
+                what: format!("NBD TCP listener {addr}"),
+                source,
+            })?;
+            listening.push(Listening::NbdTcp(bound));
+            tcp.push(listener);
+        }
+        let mut unix = Vec::new();
+        for path in &config.nbd_socket {
+            remove_stale_socket(path);
+            let listener = UnixListener::bind(path).map_err(|source| StartError::Bind {
+                what: format!("NBD Unix socket {}", path.display()),
+                source,
+            })?;
+            listening.push(Listening::NbdUnix(path.clone()));
+            unix.push((listener, path.clone()));
+        }
+        let mut metrics_listener = None;
+        if let Some(addr) = config.metrics_listen {
+            let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+                what: format!("metrics listener {addr}"),
+                source,
+            })?;
+            let bound = listener.local_addr().map_err(|source| StartError::Bind {
+                what: format!("metrics listener {addr}"),
+                source,
+            })?;
+            listening.push(Listening::Metrics(bound));
+            metrics_listener = Some(listener);
+        }
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let ctx = Arc::new(ServerContext::new(
+            exports,
+            config.limits.clone(),
+            Arc::clone(&metrics),
+            shutdown_rx,
+        ));
+        tracing::info!(
+            job = %registry.job_hex(),
+            disks = disks.len(),
+            data_dir = %data_dir.display(),
+            "agent started"
+        );
+        Ok(Self {
+            ctx,
+            shutdown,
+            tcp,
+            unix,
+            metrics_listener,
+            listening,
+            sink,
+            chains,
+            metrics,
+            job_hex: registry.job_hex(),
+            _lock: lock,
+        })
+    }
+
+    /// The bound listeners, in announcement order.
+    pub fn listening(&self) -> &[Listening] {
+        &self.listening
+    }
+
+    /// The job's journal.
+    pub fn sink(&self) -> Arc<dyn RecordSink> {
+        Arc::clone(&self.sink)
+    }
+
+    /// The agent's metrics.
+    pub fn metrics(&self) -> Arc<AgentMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Serves until `stop` completes; then stops accepting, lets every connection finish its
+    /// in-flight requests, syncs the journal and every backing disk, and returns.
+    pub async fn serve(self, stop: impl Future<Output = ()>) -> Result<(), ServeError> {
+        let mut accept = JoinSet::new();
+        for listener in self.tcp {
+            let ctx = Arc::clone(&self.ctx);
+            accept.spawn(async move {
+                let mut shutdown = ctx.shutdown.clone();
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = crate::server::stopped(&mut shutdown) => break,
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, peer)) => {
+                                let _ = stream.set_nodelay(true);
+                                spawn_connection(stream, peer.to_string(), &ctx);
+                            }
+                            Err(e) => accept_failed(e).await,
+                        },
+                    }
+                }
+            });
+        }
+        for (listener, path) in self.unix {
+            let ctx = Arc::clone(&self.ctx);
+            accept.spawn(async move {
+                let mut shutdown = ctx.shutdown.clone();
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = crate::server::stopped(&mut shutdown) => break,
+                        accepted = listener.accept() => match accepted {
+                            Ok((stream, _)) => spawn_connection(stream, path.display().to_string(), &ctx),
+                            Err(e) => accept_failed(e).await,
+                        },
+                    }
+                }
+                let _ = std::fs::remove_file(&path);
+            });
+        }
+        let metrics_server = self.metrics_listener.map(|listener| {
+            let metrics = Arc::clone(&self.metrics);
+            let sink = Arc::clone(&self.sink);
+            let job = self.job_hex.clone();
+            let render: web::metrics::Render = Arc::new(move || {
+                metrics.set_journal(&job, sink.head_seq().0, sink.durable_seq().0);
+                metrics.render()
+            });
+            let mut shutdown = self.ctx.shutdown.clone();
+            tokio::spawn(web::metrics::serve(listener, render, async move {
+                crate::server::stopped(&mut shutdown).await;
+            }))
+        });
+
+        stop.await;
+        tracing::info!("stopping: finishing in-flight requests");
+        // Receivers live in the context, so sending cannot fail while `self.ctx` exists.
+        let _ = self.shutdown.send(true);
+        while accept.join_next().await.is_some() {}
+        self.ctx.drained().await;
+
+        let mut failures = Vec::new();
+        let sink = Arc::clone(&self.sink);
+        match tokio::task::spawn_blocking(move || sink.sync()).await {
+            Ok(Ok(seq)) => tracing::info!(durable_seq = %seq, "journal synced"),
+            Ok(Err(e)) => failures.push(e.to_string()),
+            Err(e) => failures.push(format!("journal sync task: {e}")),
+        }
+        for chain in &self.chains {
+            if let Err(e) = chain.sync_device().await {
+                failures.push(e.to_string());
+            }
+        }
+        if let Some(server) = metrics_server {
+            match server.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "metrics listener failed"),
+                Err(e) => tracing::warn!(error = %e, "metrics task failed"),
+            }
+        }
+        if failures.is_empty() {
+            tracing::info!("stopped");
+            Ok(())
+        } else {
+            Err(ServeError::Sync(failures.join("; ")))
+        }
+    }
+}
+
+/// Removes a leftover socket file from an earlier run (never any other kind of file).
+fn remove_stale_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Backs off after a failed accept (for example out of file descriptors).
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
+/// Starts the agent, prints the start-up lines and `ready` on stdout, serves until `stop`.
+pub async fn run(config: AgentConfig, stop: impl Future<Output = ()>) -> Result<(), RunError> {
+    let agent = Agent::start(&config).await?;
+    let mut stdout = std::io::stdout().lock();
+    for listener in agent.listening() {
+        writeln!(stdout, "{listener}").map_err(RunError::Stdout)?;
+    }
+    writeln!(stdout, "ready").map_err(RunError::Stdout)?;
+    stdout.flush().map_err(RunError::Stdout)?;
+    drop(stdout);
+    agent.serve(stop).await?;
+    Ok(())
+}

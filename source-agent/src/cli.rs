@@ -1,0 +1,145 @@
+//! The command line of `cdp-agent`: `run` (from a TOML file or quick flags, two spellings of
+//! one [`AgentConfig`]) and `replay`. Parsing only; `main.rs` acts on the result.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{parse_disk_flag, AgentConfig, ConfigError, DiskConfig};
+
+/// cdp-agent: serves protected disks over NBD and journals every write.
+#[derive(Debug, Parser)]
+#[command(name = "cdp-agent", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the configured disks until SIGINT or SIGTERM.
+    Run(RunArgs),
+    /// Rebuild a disk's image from the journal.
+    Replay(ReplayArgs),
+}
+
+/// `cdp-agent run`: either `--config FILE` or the quick flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML configuration file (see docs/agent.md); excludes the other flags.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["data_dir", "nbd_listen", "nbd_socket", "disk", "metrics_listen", "filters"])]
+    pub config: Option<PathBuf>,
+    /// Data directory (journal and disk table).
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    pub data_dir: Option<PathBuf>,
+    /// NBD TCP listener, IP:PORT (port 0 picks one); repeatable.
+    #[arg(long, value_name = "ADDR")]
+    pub nbd_listen: Vec<SocketAddr>,
+    /// NBD Unix-socket listener; repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub nbd_socket: Vec<PathBuf>,
+    /// A disk to protect, NAME=PATH (raw image file or block device); repeatable.
+    #[arg(long, value_name = "NAME=PATH")]
+    pub disk: Vec<String>,
+    /// Serve /metrics on IP:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Filter chain of every disk, comma-separated (default stats,journal).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub filters: Option<Vec<String>>,
+}
+
+impl RunArgs {
+    /// The configuration these arguments describe (read from the file, or built from the
+    /// flags with every other setting at its default).
+    pub fn into_config(self) -> Result<AgentConfig, ConfigError> {
+        if let Some(path) = &self.config {
+            return AgentConfig::from_file(path);
+        }
+        let mut config = AgentConfig::new(self.data_dir.unwrap_or_default());
+        config.nbd_listen = self.nbd_listen;
+        config.nbd_socket = self.nbd_socket;
+        config.metrics_listen = self.metrics_listen;
+        if let Some(filters) = self.filters {
+            config.filters = filters;
+        }
+        for flag in &self.disk {
+            let (name, path) = parse_disk_flag(flag)?;
+            config.disks.push(DiskConfig {
+                name,
+                path,
+                filters: None,
+                block_size_min: 512,
+            });
+        }
+        Ok(config)
+    }
+}
+
+/// `cdp-agent replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The agent's data directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// NAME=OUT: rebuild disk NAME into the file OUT.
+    #[arg(long, value_name = "NAME=OUT")]
+    pub disk: String,
+    /// Start from a copy of this image instead of zeroes.
+    #[arg(long, value_name = "IMAGE")]
+    pub base: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_config(args: &[&str]) -> Result<AgentConfig, String> {
+        let cli = Cli::try_parse_from(args).map_err(|e| e.kind().to_string())?;
+        match cli.command {
+            Command::Run(run) => run.into_config().map_err(|e| e.to_string()),
+            Command::Replay(_) => Err("replay".into()),
+        }
+    }
+
+    #[test]
+    fn flags_and_file_are_the_same_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/var/lib/cdp\"\nnbd_listen = [\"127.0.0.1:0\"]\nnbd_socket = [\"/run/a.sock\"]\n\
+             metrics_listen = \"127.0.0.1:9187\"\nfilters = [\"journal\"]\n\
+             [[disk]]\nname = \"vm1\"\npath = \"/img/vm1\"\n",
+        )
+        .unwrap();
+        let from_file = run_config(&["cdp-agent", "run", "--config", file.to_str().unwrap()]).unwrap();
+        let from_flags = run_config(&[
+            "cdp-agent", "run", "--data-dir", "/var/lib/cdp", "--nbd-listen", "127.0.0.1:0",
+            "--nbd-socket", "/run/a.sock", "--metrics-listen", "127.0.0.1:9187", "--filters", "journal",
+            "--disk", "vm1=/img/vm1",
+        ])
+        .unwrap();
+        assert_eq!(from_file, from_flags);
+    }
+
+    #[test]
+    fn bad_command_lines() {
+        assert_eq!(
+            run_config(&["cdp-agent", "run", "--config", "a.toml", "--disk", "x=y"]).unwrap_err(),
+            "an argument cannot be used with one or more of the other specified arguments"
+        );
+        assert_eq!(
+            run_config(&["cdp-agent", "run", "--disk", "x=y"]).unwrap_err(),
+            "one or more required arguments were not provided"
+        );
+        assert_eq!(
+            run_config(&["cdp-agent", "run", "--data-dir", "d", "--disk", "x"]).unwrap_err(),
+            "--disk \"x\": expected NAME=PATH"
+        );
+        assert!(run_config(&["cdp-agent", "run", "--data-dir", "d", "--nbd-listen", "localhost"]).is_err());
+    }
+}
