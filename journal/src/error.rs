@@ -114,6 +114,13 @@ pub enum AppendError {
     /// The entry cannot be encoded (nothing was written; the journal stays usable).
     #[error(transparent)]
     InvalidEntry(#[from] EncodeError),
+    /// A stored record does not fit this journal (nothing was written; the journal stays
+    /// usable).
+    #[error("stored record refused: {reason}")]
+    Stored {
+        /// Why: a bad header, another seq or generation, or a length mismatch.
+        reason: String,
+    },
     /// An I/O call failed; the journal is now poisoned.
     #[error("i/o error on {name}: {source}")]
     Io {

@@ -16,7 +16,7 @@ use crate::error::{
 };
 use crate::mem::MemStorage;
 use crate::reader::{RawReader, ReadPlan, Reader, ScanOpenError, Scanner, Span, Step};
-use crate::record::{Entry, PreparedRecord, RecordDecoder, RecordEncoder};
+use crate::record::{decode_header, Entry, PreparedRecord, RecordDecoder, RecordEncoder};
 use crate::segment::{
     decode_frame, encode_sync_frame, sync_frame_bytes, Frame, SegmentId, SEGMENT_DATA_OFFSET,
     SEGMENT_TMP_SUFFIX, SYNC_ALIGN_BYTES, SYNC_FRAME_HEADER_BYTES, SYNC_MAGIC,
@@ -395,6 +395,53 @@ impl Core {
         self.append_poisoned()?;
         let seq = self.head.next();
         let len = record.record_bytes() as u64;
+        self.make_room(len)?;
+        let compressed = record.header().codec != crate::types::Codec::None;
+        let payload_bytes = record.header().payload_bytes() as u64;
+        let bytes = record.finish(self.config.generation, seq)?;
+        self.write_record(bytes, seq, payload_bytes, compressed)
+    }
+
+    /// Appends a record exactly as another journal stored it (a landing journal receiving
+    /// what an agent shipped). The caller verified it in full (`verify_stored`); this checks
+    /// again what ties it to this journal: a valid header, the next seq, this generation,
+    /// and a length that matches the header.
+    pub(crate) fn append_stored(&mut self, bytes: &[u8]) -> Result<Seq, AppendError> {
+        self.append_poisoned()?;
+        let header = decode_header(bytes).map_err(|e| AppendError::Stored {
+            reason: e.to_string(),
+        })?;
+        let seq = self.head.next();
+        if header.seq != seq {
+            return Err(AppendError::Stored {
+                reason: format!("record has seq {}, the journal expects {seq}", header.seq),
+            });
+        }
+        if header.generation != self.config.generation {
+            return Err(AppendError::Stored {
+                reason: format!(
+                    "record has generation {}, the journal writes {}",
+                    header.generation, self.config.generation
+                ),
+            });
+        }
+        if header.record_bytes() != bytes.len() {
+            return Err(AppendError::Stored {
+                reason: format!(
+                    "record is {} bytes, its header says {}",
+                    bytes.len(),
+                    header.record_bytes()
+                ),
+            });
+        }
+        self.make_room(bytes.len() as u64)?;
+        let compressed = header.codec != crate::types::Codec::None;
+        self.write_record(bytes, seq, header.payload_bytes() as u64, compressed)
+    }
+
+    /// Makes the active segment able to take a record of `len` bytes: rolls over, or grows
+    /// an empty segment for a record larger than its preallocation.
+    fn make_room(&mut self, len: u64) -> Result<(), AppendError> {
         if self.active.write_offset + len > self.active.capacity {
             if self.head >= self.active.id.first_seq {
                 self.rollover(len)?;
@@ -409,9 +456,18 @@ impl Core {
                 self.active.capacity = want;
             }
         }
-        let compressed = record.header().codec != crate::types::Codec::None;
-        let payload_bytes = record.header().payload_bytes() as u64;
-        let bytes = record.finish(self.config.generation, seq)?;
+        Ok(())
+    }
+
+    /// Writes a finished record (`bytes`, holding `seq`) at the active segment's end.
+    fn write_record(
+        &mut self,
+        bytes: &[u8],
+        seq: Seq,
+        payload_bytes: u64,
+        compressed: bool,
+    ) -> Result<Seq, AppendError> {
+        let len = bytes.len() as u64;
         if let Err(e) = self.active.file.write_all_at(bytes, self.active.write_offset) {
             let name = self.active.name.clone();
             self.poison(&name, &e);
@@ -831,6 +887,14 @@ impl Journal {
         self.core.append_poisoned()?;
         let mut record = self.encoder.prepare(&entry)?;
         self.core.append_prepared(&mut record)
+    }
+
+    /// Appends a record exactly as another journal stored it, keeping its seq and generation:
+    /// how a landing journal takes what an agent shipped. The record must be the next seq,
+    /// of this journal's generation, and already verified (`verify_stored`); its header is
+    /// checked again here. Durable after the next [`sync`](Journal::sync).
+    pub fn append_stored(&mut self, record: &[u8]) -> Result<Seq, AppendError> {
+        self.core.append_stored(record)
     }
 
     /// Makes everything appended durable with one fdatasync; returns the durable seq.

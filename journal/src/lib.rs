@@ -10,6 +10,8 @@
 //! - [`segment`]: segment names, headers and frames (pure codecs).
 //! - [`storage`]: the `Storage` trait and `DirStorage`; [`mem`]: `MemStorage`, the
 //!   crash-simulating double.
+//! - [`wire`]: the replication protocol's frames as pure codecs; [`ship`]: the sans-IO
+//!   `Shipper` (agent) and `Lander` (appliance) state machines that speak it.
 //! - [`Journal`] (one thread) and [`SharedJournal`] (many threads, group commit), with
 //!   [`Reader`] / [`RawReader`].
 //!
@@ -27,8 +29,10 @@ mod reader;
 pub mod record;
 pub mod segment;
 mod shared;
+pub mod ship;
 pub mod storage;
 pub mod types;
+pub mod wire;
 
 pub use error::{
     AppendError, Corruption, CorruptionReason, OpenError, ReadError, SyncError, TrimError,

@@ -86,6 +86,12 @@ impl SharedJournal {
         lock(&self.core).append_prepared(&mut record)
     }
 
+    /// Appends a record exactly as another journal stored it, keeping its seq and generation
+    /// (see [`Journal::append_stored`](crate::Journal::append_stored)).
+    pub fn append_stored(&self, record: &[u8]) -> Result<Seq, AppendError> {
+        lock(&self.core).append_stored(record)
+    }
+
     /// Blocks until `seq` is durable; returns the durable seq (at least `seq`). One waiter
     /// at a time leads: it makes one fdatasync covering everything appended before it began,
     /// while appends continue; the others wait for it and return if it covered them.

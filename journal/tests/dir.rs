@@ -212,3 +212,54 @@ fn bad_configs_are_refused() {
         Err(OpenError::Config { .. })
     ));
 }
+
+/// A landing journal takes records exactly as another journal stored them: same bytes, same
+/// seqs; a record with the wrong seq, generation or length is refused and nothing changes.
+#[test]
+fn append_stored_keeps_records_as_shipped() {
+    let source_dir = tempfile::tempdir().unwrap();
+    let landing_dir = tempfile::tempdir().unwrap();
+    let mut source = Journal::open(source_dir.path(), config(16 << 10)).unwrap();
+    let mut model = Vec::new();
+    for i in 0..30u64 {
+        let record = Model::new(RecordKind::ALL[(i % 5) as usize], (i as usize * 1231) % 9000, i, i % 2 == 0, false);
+        source.append(record.entry()).unwrap();
+        model.push(record);
+    }
+    source.sync().unwrap();
+    let mut stored = Vec::new();
+    let mut reader = source.raw_reader(Seq(1)).unwrap();
+    while let Some((_, bytes)) = reader.next_stored().unwrap() {
+        stored.push(bytes.to_vec());
+    }
+    assert_eq!(stored.len(), 30);
+
+    let mut landing = Journal::open(landing_dir.path(), config(16 << 10)).unwrap();
+    // Not the next seq: refused, and the journal stays usable.
+    let err = landing.append_stored(&stored[1]).unwrap_err();
+    assert!(err.to_string().contains("seq 2, the journal expects 1"), "{err}");
+    // Trailing bytes: refused.
+    let mut longer = stored[0].clone();
+    longer.push(0);
+    assert!(landing.append_stored(&longer).unwrap_err().to_string().contains("header says"));
+    // A damaged header: refused.
+    let mut damaged = stored[0].clone();
+    damaged[30] ^= 1;
+    assert!(landing.append_stored(&damaged).is_err());
+    for (i, bytes) in stored.iter().enumerate() {
+        assert_eq!(landing.append_stored(bytes).unwrap(), Seq(i as u64 + 1));
+    }
+    landing.sync().unwrap();
+    drop(landing);
+    let landing = Journal::open(landing_dir.path(), config(16 << 10)).unwrap();
+    assert_eq!(landing.head_seq(), Seq(30));
+    check_reads(&landing, Seq(1), &model);
+
+    // Another generation: refused.
+    let mut other = JournalConfig::new(JOB, Generation(7));
+    other.segment_bytes_max = 16 << 10;
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut landing = Journal::open(other_dir.path(), other).unwrap();
+    let err = landing.append_stored(&stored[0]).unwrap_err();
+    assert!(err.to_string().contains("generation"), "{err}");
+}

@@ -20,6 +20,7 @@ mod bundle;
 mod clock;
 mod data_dir;
 mod fingerprint;
+mod frames;
 mod fsutil;
 mod identity;
 mod pairing;
@@ -34,6 +35,7 @@ pub use bundle::{
 };
 pub use clock::{Clock, ManualClock, SystemClock, UnixTime};
 pub use data_dir::DataDir;
+pub use frames::{Fault, FrameError, FrameReceiver, FrameSender};
 pub use fingerprint::{Fingerprint, ParseFingerprintError, ParseHexError, FINGERPRINT_BYTES};
 pub use identity::{
     GenerateIdentityError, Identity, LoadIdentityError, LoadOrGenerateIdentityError,

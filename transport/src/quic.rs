@@ -305,6 +305,12 @@ impl Connection {
     pub fn rtt(&self) -> Duration {
         self.inner.rtt()
     }
+
+    /// UDP payload bytes this side sent on the connection: frames, QUIC and TLS overhead,
+    /// retransmissions — what the link carried.
+    pub fn udp_sent_bytes(&self) -> u64 {
+        self.inner.stats().udp_tx.bytes
+    }
 }
 
 fn close(inner: &quinn::Connection, code: CloseCode) {
