@@ -4,7 +4,7 @@
 //!
 //! Map: [`config`] and [`cli`] (what to run), [`agent`] (assembly, start-up protocol,
 //! shutdown), [`server`] (sockets, handshake, transmission), [`chain`] and [`filter`] (the
-//! filter chain), [`backing`] (the backing-disk trait), [`sink`] and [`journal_sink`] (the
+//! filter chain), [`backing`] (the backing-disk trait, from the `blockdev` crate), [`sink`] and [`journal_sink`] (the
 //! journal), [`ranges`] (write ordering), [`registry`] (stable disk ids), [`metrics`],
 //! [`replay`].
 //!
@@ -16,7 +16,6 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod agent;
-pub mod backing;
 pub mod chain;
 pub mod cli;
 pub mod config;
@@ -28,6 +27,11 @@ pub mod registry;
 pub mod replay;
 pub mod server;
 pub mod sink;
+
+/// The backing disks: the `blockdev` crate's devices, shared with the appliance's replicas.
+pub mod backing {
+    pub use blockdev::{BlockDevice, Fault, FileDevice, MemDevice};
+}
 
 pub use agent::{run, Agent, Listening, Overrides, RunError, ServeError, StartError};
 pub use config::AgentConfig;

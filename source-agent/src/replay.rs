@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use journal::{Journal, ReadError};
 use thiserror::Error;
 
-use crate::backing::{BlockDevice, FileDevice};
+use blockdev::{BlockDevice, FileDevice};
 use crate::config::JournalSettings;
 use crate::journal_sink::{journal_config, JOURNAL_DIR};
 use crate::registry::{DataDirLock, Registry, RegistryError};
@@ -50,20 +50,12 @@ pub enum ReplayError {
     #[error("reading the journal: {0}")]
     Read(#[from] ReadError),
     /// A verified record does not fit the disk (the disk table and journal disagree).
-    #[error("record seq {seq} ({kind:?} at {offset}+{length}) lies outside disk {disk} of {size_bytes} bytes")]
-    OutOfRange {
-        /// The record.
-        seq: Seq,
-        /// Its kind.
-        kind: RecordKind,
-        /// Its offset.
-        offset: u64,
-        /// Its length.
-        length: u32,
+    #[error("disk {disk}: {source}")]
+    Apply {
         /// The disk.
         disk: String,
-        /// The disk's recorded size.
-        size_bytes: u64,
+        /// What was wrong with the record.
+        source: blockdev::ApplyError,
     },
     /// The base image's size is not the disk's recorded size.
     #[error("base image {path} is {size_bytes} bytes, disk {disk} is {recorded_bytes}")]
@@ -92,7 +84,7 @@ pub enum ReplayError {
 pub struct ReplaySummary {
     /// Records of this disk applied.
     pub records: u64,
-    /// Payload bytes written.
+    /// Bytes written or zeroed.
     pub bytes: u64,
     /// The last seq read (of any disk).
     pub last_seq: Seq,
@@ -167,40 +159,19 @@ pub fn replay(
     while let Some(rec) = reader.next_record()? {
         let h = rec.header;
         summary.last_seq = h.seq;
-        if h.disk.0 != record.id {
+        if h.disk.0 != record.id || !matches!(h.kind, RecordKind::Write | RecordKind::Trim | RecordKind::WriteZeroes) {
             continue;
         }
-        let in_range = h
-            .offset
-            .checked_add(u64::from(h.length))
-            .is_some_and(|end| end <= record.size_bytes);
-        let out_of_range = || ReplayError::OutOfRange {
-            seq: h.seq,
-            kind: h.kind,
-            offset: h.offset,
-            length: h.length,
-            disk: disk.to_owned(),
-            size_bytes: record.size_bytes,
-        };
-        match h.kind {
-            RecordKind::Write => {
-                if !in_range {
-                    return Err(out_of_range());
-                }
-                image.write_at(rec.payload, h.offset).map_err(io(out))?;
-                summary.bytes += rec.payload.len() as u64;
-            }
-            RecordKind::Trim | RecordKind::WriteZeroes => {
-                if !in_range {
-                    return Err(out_of_range());
-                }
-                // The agent zeroes trimmed ranges too, so both read back as zeroes.
-                image
-                    .zero_range(h.offset, u64::from(h.length), true)
-                    .map_err(io(out))?;
-            }
-            RecordKind::Flush | RecordKind::Checkpoint => continue,
-        }
+        summary.bytes += blockdev::apply_record(&image, &h, rec.payload).map_err(|e| match e {
+            blockdev::ApplyError::Io { source, .. } => ReplayError::Io {
+                path: out.to_owned(),
+                source,
+            },
+            other => ReplayError::Apply {
+                disk: disk.to_owned(),
+                source: other,
+            },
+        })?;
         summary.records += 1;
         if last_report.elapsed() >= PROGRESS_INTERVAL {
             last_report = Instant::now();

@@ -1,4 +1,4 @@
-//! The backing disk behind a small trait: a real file or block device (`pread`, `pwrite`,
+//! A disk behind a small trait: a real file or block device (`pread`, `pwrite`,
 //! `fdatasync`, `fallocate` with a write-zeroes fallback) and an in-memory double with fault
 //! injection for tests.
 //!
@@ -17,7 +17,7 @@ use std::sync::Mutex;
 /// Bytes of zeroes written per call when `fallocate` cannot zero a range.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
-/// A disk the agent reads and writes.
+/// A disk cdp reads and writes: an agent's backing disk, an appliance's replica.
 pub trait BlockDevice: Send + Sync + std::fmt::Debug + 'static {
     /// Size in bytes, fixed while the agent runs.
     fn size_bytes(&self) -> u64;
@@ -92,6 +92,35 @@ impl FileDevice {
         }
         Ok(())
     }
+}
+
+/// Creates a sparse raw image of `size_bytes` at `path`, or opens the one there if it has
+/// exactly that size (an image of another size is refused: it belongs to something else).
+/// The file and its directory entry are durable when this returns.
+pub fn create_image(path: &Path, size_bytes: u64) -> io::Result<FileDevice> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.len() == size_bytes => return FileDevice::open(path),
+        Ok(meta) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists with {} bytes, not {size_bytes}",
+                    path.display(),
+                    meta.len()
+                ),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+    file.set_len(size_bytes)?;
+    file.sync_all()?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    drop(file);
+    FileDevice::open(path)
 }
 
 /// Errors meaning "this kind of fallocate is not available here", after which the next
