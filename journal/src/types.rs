@@ -61,6 +61,20 @@ pub struct DiskId(pub u32);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct JobId(pub [u8; 16]);
 
+impl JobId {
+    /// Parses 32 hex digits (either case), as [`Display`](fmt::Display) writes them.
+    pub fn parse_hex(text: &str) -> Option<JobId> {
+        if text.len() != 32 || !text.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(JobId(out))
+    }
+}
+
 impl fmt::Display for JobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for byte in self.0 {
@@ -263,5 +277,10 @@ mod tests {
         id[0] = 0xab;
         id[15] = 0x01;
         assert_eq!(JobId(id).to_string(), "ab000000000000000000000000000001");
+        assert_eq!(JobId::parse_hex("ab000000000000000000000000000001"), Some(JobId(id)));
+        assert_eq!(JobId::parse_hex("AB000000000000000000000000000001"), Some(JobId(id)));
+        for bad in ["", "ab", "ab00000000000000000000000000000g", "ab0000000000000000000000000000011", "é0000000000000000000000000000001"] {
+            assert_eq!(JobId::parse_hex(bad), None, "{bad:?}");
+        }
     }
 }

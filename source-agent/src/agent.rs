@@ -12,6 +12,11 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+use journal::ship::{JobInfo, ShipperConfig};
+use journal::wire::DiskInfo;
+use journal::{Generation, JobId, SharedJournal};
 
 use thiserror::Error;
 use tokio::net::{TcpListener, UnixListener};
@@ -20,7 +25,8 @@ use tokio::task::JoinSet;
 
 use crate::backing::{BlockDevice, FileDevice};
 use crate::chain::DiskChain;
-use crate::config::{AgentConfig, ConfigError};
+use crate::config::{AgentConfig, ConfigError, ReplicationSettings};
+use crate::replicate::{client_bind_addr, run_shipper, Replication, ShipperSetup};
 use crate::metrics::AgentMetrics;
 use crate::registry::{DataDirLock, Registry, RegistryError};
 use crate::server::{spawn_connection, Export, ServerContext};
@@ -101,6 +107,9 @@ pub enum StartError {
         /// The journal's error.
         message: String,
     },
+    /// Replication is configured but cannot start.
+    #[error("replication: {0}")]
+    Replication(String),
     /// A listener cannot be bound.
     #[error("binding {what}: {source}")]
     Bind {
@@ -147,6 +156,9 @@ pub struct Agent {
     chains: Vec<Arc<DiskChain>>,
     metrics: Arc<AgentMetrics>,
     job_hex: String,
+    /// The shipper's setup and the journal it reads, when replication is configured.
+    shipping: Option<(ShipperSetup, Arc<SharedJournal>)>,
+    replication: Option<Arc<Replication>>,
     _lock: DataDirLock,
 }
 
@@ -193,15 +205,50 @@ impl Agent {
         }
         registry.save()?;
 
-        let sink = match overrides.sink {
+        let mut shared_journal = None;
+        let sink: Arc<dyn RecordSink> = match overrides.sink {
             Some(sink) => sink,
-            None => crate::journal_sink::open(data_dir, &registry, &config.journal)?,
+            None => {
+                let sink = crate::journal_sink::open(data_dir, &registry, &config.journal)?;
+                shared_journal = Some(sink.shared());
+                sink
+            }
         };
+        let mut shipping = None;
+        let mut replication = None;
+        if let Some(settings) = &config.replication {
+            let journal = shared_journal.ok_or_else(|| {
+                StartError::Replication("replication needs the agent's own journal".into())
+            })?;
+            let job = JobInfo {
+                job: JobId(registry.job()),
+                job_name: settings.job_name.clone().unwrap_or_else(|| default_job_name(data_dir)),
+                generation: Generation(registry.generation()),
+                mode: settings.mode()?,
+                disks: opened
+                    .iter()
+                    .map(|(disk, device, id)| DiskInfo {
+                        disk: *id,
+                        name: disk.name.clone(),
+                        size_bytes: device.size_bytes(),
+                    })
+                    .collect(),
+            };
+            let setup = shipper_setup(data_dir, settings, job)?;
+            replication = Some(Arc::new(Replication::new(
+                setup.job.mode,
+                Duration::from_millis(settings.sync_ack_timeout_ms),
+            )));
+            shipping = Some((setup, journal));
+        }
         let metrics = Arc::new(AgentMetrics::new());
         let mut exports = BTreeMap::new();
         let mut chains = Vec::new();
         for (disk, device, id) in opened {
-            let chain = Arc::new(DiskChain::new(id, &disk.name, &disk.chain, device, &sink, &metrics));
+            let chain = Arc::new(
+                DiskChain::new(id, &disk.name, &disk.chain, device, &sink, &metrics)
+                    .with_replication(replication.clone()),
+            );
             let filters: Vec<&str> = disk.chain.iter().map(|f| f.name()).collect();
             exports.insert(
                 disk.name.clone(),
@@ -277,6 +324,8 @@ impl Agent {
             chains,
             metrics,
             job_hex: registry.job_hex(),
+            shipping,
+            replication,
             _lock: lock,
         })
     }
@@ -340,14 +389,30 @@ impl Agent {
             let metrics = Arc::clone(&self.metrics);
             let sink = Arc::clone(&self.sink);
             let job = self.job_hex.clone();
+            let replication = self.replication.clone();
             let render: web::metrics::Render = Arc::new(move || {
-                metrics.set_journal(&job, sink.head_seq().0, sink.durable_seq().0);
+                let head = sink.head_seq();
+                metrics.set_journal(&job, head.0, sink.durable_seq().0);
+                if let Some(r) = &replication {
+                    metrics.set_replication(&job, r, head);
+                }
                 metrics.render()
             });
             let mut shutdown = self.ctx.shutdown.clone();
             tokio::spawn(web::metrics::serve(listener, render, async move {
                 crate::server::stopped(&mut shutdown).await;
             }))
+        });
+
+        let (ship_stop, ship_stop_rx) = watch::channel(false);
+        let shipper = self.shipping.map(|(setup, journal)| {
+            tracing::info!(target = %setup.target, job = %setup.job.job_name, mode = ?setup.job.mode, "replicating");
+            let replication = self.replication.clone();
+            tokio::spawn(async move {
+                if let Some(replication) = replication {
+                    run_shipper(setup, journal, replication, ship_stop_rx).await;
+                }
+            })
         });
 
         stop.await;
@@ -369,6 +434,29 @@ impl Agent {
                 failures.push(e.to_string());
             }
         }
+        if let Some(shipper) = shipper {
+            // Give a connected shipper a moment to deliver the tail, so a clean stop leaves
+            // nothing unacknowledged; an unreachable appliance does not hold the stop up.
+            if let Some(replication) = &self.replication {
+                let head = self.sink.head_seq();
+                let drained = tokio::time::timeout(SHUTDOWN_DRAIN_TIMEOUT, async {
+                    while replication.status().state == crate::replicate::LinkState::Replicating
+                        && replication.status().acked < head
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+                .await;
+                let acked = replication.status().acked;
+                if drained.is_err() || acked < head {
+                    tracing::warn!(%acked, %head, "stopping with records the appliance has not acknowledged; they are shipped at the next start");
+                }
+            }
+            let _ = ship_stop.send(true);
+            if let Err(e) = shipper.await {
+                tracing::warn!(error = %e, "shipper task failed");
+            }
+        }
         if let Some(server) = metrics_server {
             match server.await {
                 Ok(Ok(())) => {}
@@ -383,6 +471,62 @@ impl Agent {
             Err(ServeError::Sync(failures.join("; ")))
         }
     }
+}
+
+/// How long a clean stop waits for the appliance to acknowledge the journal's tail.
+pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The job's name when none is configured: the data directory's name.
+fn default_job_name(data_dir: &Path) -> String {
+    let name: String = data_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("job")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    if name.is_empty() || name.starts_with(['.', '-']) {
+        "job".to_owned()
+    } else {
+        name
+    }
+}
+
+/// Loads the agent's identity and pinned appliance and binds the QUIC endpoint.
+fn shipper_setup(data_dir: &Path, settings: &ReplicationSettings, job: JobInfo) -> Result<ShipperSetup, StartError> {
+    let data = transport::DataDir::new(data_dir);
+    if !data.identity_dir().join(transport::KEY_FILE).exists() {
+        return Err(StartError::Replication(format!(
+            "this agent is not paired: run `cdp-agent pair --data-dir {} --bundle FILE` with a bundle from `cdp-receiver pair`",
+            data_dir.display()
+        )));
+    }
+    let identity = data.identity().map_err(|e| StartError::Replication(format!("identity: {e}")))?;
+    let trust = data.trust_store().map_err(|e| StartError::Replication(format!("trust store: {e}")))?;
+    if trust.peers().is_empty() {
+        return Err(StartError::Replication(format!(
+            "no appliance is pinned in {}: run `cdp-agent pair` first",
+            data.trust_path().display()
+        )));
+    }
+    let client = transport::Client::bind(client_bind_addr(settings.target), &identity, Arc::new(trust))
+        .map_err(|e| StartError::Replication(format!("QUIC endpoint: {e}")))?;
+    let fault = transport::Fault::from_env();
+    if let Some(fault) = fault {
+        tracing::warn!(?fault, "FAULT INJECTION is on (CDP_FAULT_CORRUPT_BATCHES): batches are corrupted on purpose");
+    }
+    Ok(ShipperSetup {
+        job,
+        target: settings.target,
+        client,
+        config: ShipperConfig {
+            inflight_bytes_max: settings.inflight_bytes_max,
+            batch_bytes_max: settings.batch_bytes_max as usize,
+            ..ShipperConfig::default()
+        },
+        fault,
+    })
 }
 
 /// Removes a leftover socket file from an earlier run (never any other kind of file).

@@ -4,7 +4,9 @@
 //! Write path with `journal`: take the byte range → append the record (it reaches the OS) →
 //! write the backing disk → release the range → with FUA, `fdatasync` the backing disk (in
 //! the backing stage) and wait until the journal holds the record durably → reply.
-//! FLUSH: journal sync and backing `fdatasync`, both before the reply.
+//! FLUSH: journal sync and backing `fdatasync`, both before the reply. With replication in
+//! sync mode, a write is acknowledged only after the appliance acknowledged its seq (or the
+//! job fell back to async after `sync_ack_timeout_ms`).
 //!
 //! Must never write the backing disk for a request whose journal append failed, and never
 //! run blocking I/O on the async reactor (it goes through `spawn_blocking`).
@@ -22,6 +24,7 @@ use crate::backing::BlockDevice;
 use crate::filter::FilterKind;
 use crate::metrics::{AgentMetrics, DiskStats};
 use crate::ranges::RangeLocks;
+use crate::replicate::Replication;
 use crate::sink::{DiskId, RecordKind, RecordSink, Seq, SinkEntry, SinkError, Timestamp};
 
 /// Why an operation failed after it was accepted.
@@ -94,6 +97,9 @@ pub struct DiskChain {
     name: String,
     stages: Vec<Stage>,
     device: Arc<dyn BlockDevice>,
+    /// The job's replication, when the journal is shipped: told of every append, and in
+    /// sync mode waited on before a write is acknowledged.
+    replication: Option<Arc<Replication>>,
 }
 
 impl DiskChain {
@@ -121,7 +127,15 @@ impl DiskChain {
             name: name.to_owned(),
             stages,
             device,
+            replication: None,
         }
+    }
+
+    /// The same chain, telling `replication` of every append and (sync mode) waiting for
+    /// the appliance's ack before acknowledging a write.
+    pub fn with_replication(mut self, replication: Option<Arc<Replication>>) -> Self {
+        self.replication = replication;
+        self
     }
 
     /// The disk's id in the journal.
@@ -238,6 +252,9 @@ impl DiskChain {
             .await?
             .map_err(|source| self.journal_error(source))?
         };
+        if let Some(replication) = &self.replication {
+            replication.notify_appended();
+        }
         let result = self.run(index + 1, request).await;
         drop(range);
         if let Err(e) = &result {
@@ -249,6 +266,9 @@ impl DiskChain {
             self.blocking(move || sink.wait_durable(seq))
                 .await?
                 .map_err(|source| self.journal_error(source))?;
+        }
+        if let Some(replication) = &self.replication {
+            replication.wait_acked(seq).await;
         }
         Ok(data)
     }

@@ -24,13 +24,29 @@ pub enum Command {
     Run(RunArgs),
     /// Rebuild a disk's image from the journal.
     Replay(ReplayArgs),
+    /// Pair with an appliance using the bundle `cdp-receiver pair` printed.
+    Pair(PairArgs),
+}
+
+/// `cdp-agent pair`.
+#[derive(Debug, Args)]
+pub struct PairArgs {
+    /// The agent's data directory (its identity and trust store are kept here).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// The bundle file `cdp-receiver pair` printed.
+    #[arg(long, value_name = "FILE")]
+    pub bundle: PathBuf,
+    /// The name the appliance will know this agent by (default: the host name).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
 }
 
 /// `cdp-agent run`: either `--config FILE` or the quick flags.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// TOML configuration file (see docs/agent.md); excludes the other flags.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["data_dir", "nbd_listen", "nbd_socket", "disk", "metrics_listen", "filters"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["data_dir", "nbd_listen", "nbd_socket", "disk", "metrics_listen", "filters", "target", "mode", "job_name"])]
     pub config: Option<PathBuf>,
     /// Data directory (journal and disk table).
     #[arg(long, value_name = "DIR", required_unless_present = "config")]
@@ -50,6 +66,15 @@ pub struct RunArgs {
     /// Filter chain of every disk, comma-separated (default stats,journal).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub filters: Option<Vec<String>>,
+    /// Ship the journal to this paired appliance, IP:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub target: Option<SocketAddr>,
+    /// Replication mode: async (default) or sync.
+    #[arg(long, value_name = "MODE", requires = "target")]
+    pub mode: Option<String>,
+    /// The job's name as the appliance shows it.
+    #[arg(long, value_name = "NAME", requires = "target")]
+    pub job_name: Option<String>,
 }
 
 impl RunArgs {
@@ -65,6 +90,14 @@ impl RunArgs {
         config.metrics_listen = self.metrics_listen;
         if let Some(filters) = self.filters {
             config.filters = filters;
+        }
+        if let Some(target) = self.target {
+            let mut replication = crate::config::ReplicationSettings::new(target);
+            if let Some(mode) = self.mode {
+                replication.mode = mode;
+            }
+            replication.job_name = self.job_name;
+            config.replication = Some(replication);
         }
         for flag in &self.disk {
             let (name, path) = parse_disk_flag(flag)?;
@@ -93,6 +126,62 @@ pub struct ReplayArgs {
     pub base: Option<PathBuf>,
 }
 
+/// Why `cdp-agent pair` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PairCommandError {
+    /// The bundle file could not be read.
+    #[error("reading the bundle {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Anything else: the bundle, the name, the identity, the exchange.
+    #[error("{0}")]
+    Pair(String),
+}
+
+/// Pairs the agent in `args.data_dir` with the appliance the bundle names: the
+/// appliance's certificate is pinned in `DIR/trust`, the agent's in the appliance's. Returns
+/// the appliance's name and addresses for the operator.
+pub async fn pair(args: &PairArgs) -> Result<transport::PinnedPeer, PairCommandError> {
+    let text = std::fs::read(&args.bundle).map_err(|source| PairCommandError::Read {
+        path: args.bundle.clone(),
+        source,
+    })?;
+    let bundle = transport::PairingBundle::decode(&text).map_err(|e| PairCommandError::Pair(e.to_string()))?;
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => host_name(),
+    };
+    let name = transport::PeerName::new(&name).map_err(|e| PairCommandError::Pair(format!("--name {name:?}: {e}")))?;
+    transport::fsutil::create_private_dir(&args.data_dir)
+        .map_err(|e| PairCommandError::Pair(format!("{}: {e}", args.data_dir.display())))?;
+    let data = transport::DataDir::new(&args.data_dir);
+    let identity = data.identity().map_err(|e| PairCommandError::Pair(format!("identity: {e}")))?;
+    let trust = data.trust_store().map_err(|e| PairCommandError::Pair(format!("trust store: {e}")))?;
+    transport::pair_agent(&bundle, &identity, &name, &trust, &transport::SystemClock)
+        .await
+        .map_err(|e| PairCommandError::Pair(e.to_string()))
+}
+
+/// This host's name as a peer name (letters, digits, `.`, `_`, `-`), or `agent`.
+fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    if name.is_empty() || !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        "agent".to_owned()
+    } else {
+        name
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,7 +190,7 @@ mod tests {
         let cli = Cli::try_parse_from(args).map_err(|e| e.kind().to_string())?;
         match cli.command {
             Command::Run(run) => run.into_config().map_err(|e| e.to_string()),
-            Command::Replay(_) => Err("replay".into()),
+            Command::Replay(_) | Command::Pair(_) => Err("not run".into()),
         }
     }
 

@@ -43,6 +43,75 @@ pub struct AgentConfig {
     /// Journal settings.
     #[serde(default)]
     pub journal: JournalSettings,
+    /// Where and how the journal is shipped; absent: the agent only journals.
+    #[serde(default)]
+    pub replication: Option<ReplicationSettings>,
+}
+
+/// Shipping the journal to a paired appliance (`[replication]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSettings {
+    /// The appliance's QUIC address (`IP:PORT`). The appliance must be paired
+    /// (`cdp-agent pair`): its certificate is checked against the pinned one.
+    pub target: SocketAddr,
+    /// `async` (default): a write is acknowledged once it is in the local journal. `sync`:
+    /// only once the appliance holds it durably (RPO 0), see `sync_ack_timeout_ms`.
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// The job's name, shown by the appliance (default: the agent's data directory name).
+    #[serde(default)]
+    pub job_name: Option<String>,
+    /// In sync mode, how long a write waits for the appliance's ack before the job falls
+    /// back to async (the write is then acknowledged; sync resumes once the appliance has
+    /// caught up), in milliseconds.
+    #[serde(default = "default_sync_ack_timeout_ms")]
+    pub sync_ack_timeout_ms: u64,
+    /// Stored bytes shipped but not yet acknowledged, at most.
+    #[serde(default = "default_inflight_bytes_max")]
+    pub inflight_bytes_max: u64,
+    /// Stored bytes per batch, at most.
+    #[serde(default = "default_batch_bytes_max")]
+    pub batch_bytes_max: u64,
+}
+
+impl ReplicationSettings {
+    /// Settings for `target` with every default.
+    pub fn new(target: SocketAddr) -> Self {
+        Self {
+            target,
+            mode: default_mode(),
+            job_name: None,
+            sync_ack_timeout_ms: default_sync_ack_timeout_ms(),
+            inflight_bytes_max: default_inflight_bytes_max(),
+            batch_bytes_max: default_batch_bytes_max(),
+        }
+    }
+
+    /// The replication mode, checked.
+    pub fn mode(&self) -> Result<journal::wire::Mode, ConfigError> {
+        match self.mode.as_str() {
+            "async" => Ok(journal::wire::Mode::Async),
+            "sync" => Ok(journal::wire::Mode::Sync),
+            other => Err(ConfigError::Mode(other.to_owned())),
+        }
+    }
+}
+
+fn default_mode() -> String {
+    "async".to_owned()
+}
+
+fn default_sync_ack_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_inflight_bytes_max() -> u64 {
+    64 << 20
+}
+
+fn default_batch_bytes_max() -> u64 {
+    1 << 20
 }
 
 /// One protected disk.
@@ -194,6 +263,12 @@ pub enum ConfigError {
     /// A limit is zero or inconsistent with another.
     #[error("limits: {0}")]
     Limit(&'static str),
+    /// The replication mode is not one of the two.
+    #[error("replication mode {0:?}: use async or sync")]
+    Mode(String),
+    /// A replication setting is out of range.
+    #[error("replication: {0}")]
+    Replication(&'static str),
 }
 
 /// A disk whose configuration passed validation.
@@ -233,6 +308,7 @@ impl AgentConfig {
             disks: Vec::new(),
             limits: Limits::default(),
             journal: JournalSettings::default(),
+            replication: None,
         }
     }
 
@@ -245,6 +321,21 @@ impl AgentConfig {
             return Err(ConfigError::NoListener);
         }
         self.validate_limits()?;
+        if let Some(r) = &self.replication {
+            r.mode()?;
+            let checks = [
+                (r.sync_ack_timeout_ms > 0, "sync_ack_timeout_ms must be positive"),
+                (r.batch_bytes_max >= 4096, "batch_bytes_max must be at least 4096"),
+                (r.inflight_bytes_max >= r.batch_bytes_max, "inflight_bytes_max must be at least batch_bytes_max"),
+                (
+                    r.job_name.as_deref().is_none_or(valid_disk_name),
+                    "job_name must be 1 to 64 characters from A-Z a-z 0-9 . _ -",
+                ),
+            ];
+            if let Some((_, reason)) = checks.iter().find(|(ok, _)| !ok) {
+                return Err(ConfigError::Replication(reason));
+            }
+        }
         let mut names = BTreeSet::new();
         let mut paths = BTreeSet::new();
         let mut valid = Vec::with_capacity(self.disks.len());

@@ -34,7 +34,7 @@ pub fn open(
     data_dir: &Path,
     registry: &Registry,
     settings: &JournalSettings,
-) -> Result<Arc<dyn RecordSink>, StartError> {
+) -> Result<Arc<JournalSink>, StartError> {
     let dir = data_dir.join(JOURNAL_DIR);
     let journal = Journal::open(&dir, journal_config(registry, settings)).map_err(|e| {
         StartError::Journal {
@@ -52,14 +52,21 @@ pub fn open(
         "journal opened"
     );
     Ok(Arc::new(JournalSink {
-        journal: journal.into_shared(),
+        journal: Arc::new(journal.into_shared()),
     }))
 }
 
 /// The real journal as a [`RecordSink`].
 #[derive(Debug)]
 pub struct JournalSink {
-    journal: SharedJournal,
+    journal: Arc<SharedJournal>,
+}
+
+impl JournalSink {
+    /// The journal itself, for the shipper (readers, trim).
+    pub fn shared(&self) -> Arc<SharedJournal> {
+        Arc::clone(&self.journal)
+    }
 }
 
 impl RecordSink for JournalSink {

@@ -6,7 +6,8 @@
 //! shutdown), [`server`] (sockets, handshake, transmission), [`chain`] and [`filter`] (the
 //! filter chain), [`backing`] (the backing-disk trait, from the `blockdev` crate), [`sink`] and [`journal_sink`] (the
 //! journal), [`ranges`] (write ordering), [`registry`] (stable disk ids), [`metrics`],
-//! [`replay`].
+//! [`replay`], [`replicate`] (shipping the journal to the appliance: the driver of
+//! `journal::ship::Shipper`).
 //!
 //! Must never acknowledge a write that is not in the journal, and never let client input
 //! panic the process or reach a disk unvalidated.
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod ranges;
 pub mod registry;
 pub mod replay;
+pub mod replicate;
 pub mod server;
 pub mod sink;
 

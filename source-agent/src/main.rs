@@ -1,5 +1,5 @@
 //! `cdp-agent`: parses arguments, sets up tracing (stderr), and runs the agent library until
-//! SIGINT or SIGTERM, or replays a journal. Nothing else lives here.
+//! SIGINT or SIGTERM, pairs with an appliance, or replays a journal. Nothing else lives here.
 
 use anyhow::Context;
 use clap::Parser;
@@ -28,6 +28,28 @@ fn main() -> anyhow::Result<()> {
                     .await
                     .context("cdp-agent run")
             })
+        }
+        Command::Pair(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let appliance = runtime
+                .block_on(source_agent::cli::pair(&args))
+                .with_context(|| format!("pairing with the bundle {}", args.bundle.display()))?;
+            let addrs: Vec<String> = appliance.addrs.iter().map(ToString::to_string).collect();
+            println!(
+                "paired with appliance {} ({}) at {}",
+                appliance.name.as_str(),
+                appliance.fingerprint,
+                addrs.join(", ")
+            );
+            println!(
+                "replicate with: cdp-agent run --data-dir {} --target {} ...",
+                args.data_dir.display(),
+                addrs.first().map_or("ADDR", String::as_str)
+            );
+            Ok(())
         }
         Command::Replay(args) => {
             let (disk, out) = source_agent::config::parse_disk_flag(&args.disk)?;

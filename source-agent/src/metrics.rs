@@ -38,6 +38,16 @@ struct JobLabel {
     job: String,
 }
 
+/// Label set naming the job and one of its states.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct JobStateLabel {
+    job: String,
+    state: String,
+}
+
+/// A gauge holding a float (seconds).
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 /// Latency buckets: 50 µs doubling to about 6.5 s.
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(50e-6, 2.0, 18))
@@ -67,6 +77,14 @@ pub struct AgentMetrics {
     rejected: Family<DiskErrorLabel, Counter>,
     head_seq: Family<JobLabel, Gauge>,
     durable_seq: Family<JobLabel, Gauge>,
+    acked_seq: Family<JobLabel, Gauge>,
+    rpo_seconds: Family<JobLabel, FloatGauge>,
+    lag_records: Family<JobLabel, Gauge>,
+    lag_bytes: Family<JobLabel, Gauge>,
+    shipped_bytes: Family<JobLabel, Counter>,
+    wire_bytes: Family<JobLabel, Counter>,
+    job_state: Family<JobStateLabel, Gauge>,
+    sync_degraded: Family<JobLabel, Gauge>,
     connections: Gauge,
 }
 
@@ -96,6 +114,14 @@ impl AgentMetrics {
             rejected: Family::default(),
             head_seq: Family::default(),
             durable_seq: Family::default(),
+            acked_seq: Family::default(),
+            rpo_seconds: Family::default(),
+            lag_records: Family::default(),
+            lag_bytes: Family::default(),
+            shipped_bytes: Family::default(),
+            wire_bytes: Family::default(),
+            job_state: Family::default(),
+            sync_degraded: Family::default(),
             connections: Gauge::default(),
         };
         let r = &mut m.registry;
@@ -123,6 +149,30 @@ impl AgentMetrics {
         r.register("cdp_journal_head_seq", "Last seq appended to the job's journal", m.head_seq.clone());
         r.register("cdp_journal_durable_seq", "Last seq known durable in the job's journal", m.durable_seq.clone());
         r.register("cdp_nbd_connections", "Open NBD connections", m.connections.clone());
+        r.register("cdp_acked_seq", "Last seq the appliance acknowledged durable", m.acked_seq.clone());
+        r.register(
+            "cdp_rpo_seconds",
+            "Age of the oldest write not yet durable at the appliance, on the agent's clock (0 when none)",
+            m.rpo_seconds.clone(),
+        );
+        r.register("cdp_lag_records", "Journal records the appliance has not acknowledged", m.lag_records.clone());
+        r.register("cdp_lag_bytes", "Stored bytes shipped and not yet acknowledged", m.lag_bytes.clone());
+        r.register(
+            "cdp_shipped_bytes",
+            "Stored record bytes shipped to the appliance (resends included)",
+            m.shipped_bytes.clone(),
+        );
+        r.register(
+            "cdp_wire_bytes",
+            "UDP bytes sent on replication connections (QUIC and TLS overhead and retransmissions included)",
+            m.wire_bytes.clone(),
+        );
+        r.register("cdp_job_state", "1 for the job's current replication state, 0 for the others", m.job_state.clone());
+        r.register(
+            "cdp_sync_degraded",
+            "1 while a sync-mode job acknowledges writes after the local journal only (the appliance did not ack in time)",
+            m.sync_degraded.clone(),
+        );
         m
     }
 
@@ -172,6 +222,33 @@ impl AgentMetrics {
         self.durable_seq
             .get_or_create(&label)
             .set(i64::try_from(durable).unwrap_or(i64::MAX));
+    }
+
+    /// Samples the job's replication status (at scrape time).
+    pub fn set_replication(&self, job: &str, replication: &crate::replicate::Replication, head: journal::Seq) {
+        let label = JobLabel { job: job.to_owned() };
+        let status = replication.status();
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.acked_seq.get_or_create(&label).set(as_i64(status.acked.0));
+        self.rpo_seconds
+            .get_or_create(&label)
+            .set(replication.rpo_seconds(crate::replicate::now_micros(), head));
+        self.lag_records
+            .get_or_create(&label)
+            .set(as_i64(head.0.saturating_sub(status.acked.0)));
+        self.lag_bytes.get_or_create(&label).set(as_i64(status.lag_bytes));
+        raise_to(&self.shipped_bytes.get_or_create(&label), status.shipped_bytes);
+        raise_to(&self.wire_bytes.get_or_create(&label), status.wire_bytes);
+        for state in crate::replicate::LinkState::ALL {
+            let label = JobStateLabel {
+                job: job.to_owned(),
+                state: state.name().to_owned(),
+            };
+            self.job_state.get_or_create(&label).set(i64::from(state == status.state));
+        }
+        self.sync_degraded
+            .get_or_create(&label)
+            .set(i64::from(replication.degraded()));
     }
 
     /// The open-connections gauge.
@@ -283,5 +360,13 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
+    }
+}
+
+/// Raises a counter to `total` (the replication status holds the running totals).
+fn raise_to(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
     }
 }

@@ -140,7 +140,7 @@ impl Registry {
             path: path.clone(),
             message: e.message().to_owned(),
         })?;
-        let job = parse_hex16(&file.job).ok_or_else(|| RegistryError::BadJobId {
+        let job = journal::JobId::parse_hex(&file.job).map(|id| id.0).ok_or_else(|| RegistryError::BadJobId {
             path: path.clone(),
             job: file.job.clone(),
         })?;
@@ -159,7 +159,7 @@ impl Registry {
 
     /// The job's id as 32 hex digits.
     pub fn job_hex(&self) -> String {
-        self.job.iter().map(|b| format!("{b:02x}")).collect()
+        journal::JobId(self.job).to_string()
     }
 
     /// The journal generation.
@@ -230,17 +230,6 @@ impl Registry {
         }
         Ok(())
     }
-}
-
-fn parse_hex16(text: &str) -> Option<[u8; 16]> {
-    if text.len() != 32 || !text.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 /// An exclusive `flock` on `DATA_DIR/agent.lock`, held while the agent runs.

@@ -127,7 +127,8 @@ impl FrameSender {
 pub struct FrameReceiver {
     recv: RecvStream,
     /// Received bytes; `buf[start..]` are not yet decoded. Invariant: the undecoded part is
-    /// at most one frame (`FRAME_PREFIX_BYTES + FRAME_BODY_BYTES_MAX`) plus one read chunk.
+    /// at most one frame (`FRAME_PREFIX_BYTES + FRAME_BODY_BYTES_MAX`) plus one read chunk,
+    /// and every byte in it came from the stream.
     buf: Vec<u8>,
     start: usize,
     received_bytes: u64,
@@ -144,40 +145,37 @@ impl FrameReceiver {
         }
     }
 
-    /// The next frame; `None` when the peer finished its stream between frames.
+    /// The next frame; `None` when the peer finished its stream between frames. Cancel-safe:
+    /// dropping the future loses nothing, the next call goes on where it stopped.
     pub async fn recv(&mut self) -> Result<Option<Frame>, FrameError> {
         loop {
-            let needed = match wire::decode(&self.buf[self.start..]) {
+            match wire::decode(&self.buf[self.start..]) {
                 Ok((frame, used)) => {
                     self.start += used;
                     self.received_bytes += used as u64;
                     return Ok(Some(frame));
                 }
                 Err(DecodeError::Invalid(why)) => return Err(FrameError::Invalid(why)),
-                Err(DecodeError::Incomplete { needed }) => needed,
-            };
-            debug_assert!(needed <= FRAME_PREFIX_BYTES + FRAME_BODY_BYTES_MAX);
+                Err(DecodeError::Incomplete { .. }) => {}
+            }
             // Move the undecoded tail to the front before growing the buffer.
             if self.start > 0 {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
-            let have = self.buf.len();
-            let want = needed.max(have + READ_CHUNK_BYTES);
-            self.buf.resize(want, 0);
-            match self.recv.read(&mut self.buf[have..]).await {
-                Ok(Some(n)) => self.buf.truncate(have + n),
-                Ok(None) => {
-                    self.buf.truncate(have);
-                    return if have == 0 {
+            // `read_chunk` consumes nothing until it returns data, and the buffer changes
+            // only after it returned: a `recv` cancelled here (it runs inside `select!`)
+            // loses no byte and leaves no garbage behind.
+            match self.recv.read_chunk(READ_CHUNK_BYTES, true).await? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                None => {
+                    return if self.buf.is_empty() {
                         Ok(None)
                     } else {
-                        Err(FrameError::Truncated { buffered: have })
+                        Err(FrameError::Truncated {
+                            buffered: self.buf.len(),
+                        })
                     };
-                }
-                Err(e) => {
-                    self.buf.truncate(have);
-                    return Err(e.into());
                 }
             }
             if self.buf.capacity() > 2 * (FRAME_PREFIX_BYTES + FRAME_BODY_BYTES_MAX) {

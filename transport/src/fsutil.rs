@@ -1,5 +1,5 @@
-//! Crash-safe file writes for the small files the transport keeps (identity, trust store,
-//! pending pairing tokens): write a temporary file, fsync it, then rename (or link) it into
+//! Crash-safe file writes for cdp's small files (identity, trust store, pending pairing
+//! tokens; the appliance's job descriptions and applied seq): write a temporary file, fsync it, then rename (or link) it into
 //! place and fsync the directory. A reader sees the old file or the new one, never a torn one.
 //!
 //! Never use this for anything large or hot: every call costs two fsyncs.
@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Permissions of a file only its owner may read: private keys, pending pairing tokens.
-pub(crate) const MODE_PRIVATE_FILE: u32 = 0o600;
+pub const MODE_PRIVATE_FILE: u32 = 0o600;
 /// Permissions of a file anyone on the host may read: certificates, the trust store.
-pub(crate) const MODE_PUBLIC_FILE: u32 = 0o644;
+pub const MODE_PUBLIC_FILE: u32 = 0o644;
 /// Permissions of the directories holding identities and pending tokens.
-pub(crate) const MODE_PRIVATE_DIR: u32 = 0o700;
+pub const MODE_PRIVATE_DIR: u32 = 0o700;
 
 /// Creates `dir` (and its parents) with owner-only permissions if it does not exist.
-pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     DirBuilder::new()
         .recursive(true)
         .mode(MODE_PRIVATE_DIR)
@@ -26,7 +26,7 @@ pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Replaces `path` with `contents` atomically and durably.
-pub(crate) fn write_replacing(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+pub fn write_replacing(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let temp = write_temp(path, contents, mode)?;
     if let Err(err) = fs::rename(&temp, path) {
         let _ = fs::remove_file(&temp);
@@ -38,7 +38,7 @@ pub(crate) fn write_replacing(path: &Path, contents: &[u8], mode: u32) -> io::Re
 /// Creates `path` with `contents` atomically and durably; fails with
 /// [`io::ErrorKind::AlreadyExists`] if it exists, without touching it. A hard link, unlike a
 /// rename, never replaces its target, so two writers cannot both win.
-pub(crate) fn write_new(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let temp = write_temp(path, contents, mode)?;
     let linked = fs::hard_link(&temp, path);
     let _ = fs::remove_file(&temp);
@@ -48,7 +48,7 @@ pub(crate) fn write_new(path: &Path, contents: &[u8], mode: u32) -> io::Result<(
 
 /// Removes `path` and makes the removal durable. [`io::ErrorKind::NotFound`] is returned as
 /// is: for a one-time token it means another consumer won the race.
-pub(crate) fn remove_durably(path: &Path) -> io::Result<()> {
+pub fn remove_durably(path: &Path) -> io::Result<()> {
     fs::remove_file(path)?;
     sync_parent(path)
 }
@@ -94,7 +94,7 @@ fn sync_parent(path: &Path) -> io::Result<()> {
 
 /// Reads at most `bytes_max` bytes of `path`; a longer file is an error, so a corrupted or
 /// hostile file cannot make us allocate without bound.
-pub(crate) fn read_bounded(path: &Path, bytes_max: u64) -> io::Result<Vec<u8>> {
+pub fn read_bounded(path: &Path, bytes_max: u64) -> io::Result<Vec<u8>> {
     use std::io::Read;
     let file = File::open(path)?;
     let mut contents = Vec::new();

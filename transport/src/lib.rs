@@ -21,7 +21,7 @@ mod clock;
 mod data_dir;
 mod fingerprint;
 mod frames;
-mod fsutil;
+pub mod fsutil;
 mod identity;
 mod pairing;
 mod pending;

@@ -16,7 +16,8 @@ use axum::Router;
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Content type of the OpenMetrics text exposition format.
-pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The router: `GET /metrics` returns `render()`; every other path is 404.
 pub fn router(render: Render) -> Router {
@@ -57,10 +58,7 @@ mod tests {
             .unwrap();
         let status = response.status();
         if status == StatusCode::OK {
-            assert_eq!(
-                response.headers()[CONTENT_TYPE],
-                OPENMETRICS_CONTENT_TYPE
-            );
+            assert_eq!(response.headers()[CONTENT_TYPE], OPENMETRICS_CONTENT_TYPE);
         }
         let body = to_bytes(response.into_body(), 1 << 20).await.unwrap();
         assert_eq!((status, std::str::from_utf8(&body).unwrap()), expected);

@@ -1,0 +1,508 @@
+//! Shipping the job's journal to the paired appliance: a thin tokio/quinn driver around the
+//! sans-IO [`Shipper`] (`journal::ship`). It connects (and reconnects, with back-off), opens
+//! the job's stream, keeps the journal durable as it grows (the shipper ships only durable
+//! records), reads the records the shipper asks for, sends its frames, feeds it the
+//! appliance's acks, and trims the journal below what the appliance acknowledged.
+//!
+//! [`Replication`] is the handle the rest of the agent holds: the `journal` filter tells it
+//! about appends and, in sync mode, waits on it for the appliance's ack; the metrics read its
+//! status.
+//!
+//! Must never: ship a record the local journal has not made durable, trim the journal at or
+//! above the appliance's acknowledged seq, or let an outage of the appliance fail a write
+//! (async mode) or stall it beyond `sync_ack_timeout_ms` (sync mode).
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use journal::ship::{JobInfo, ReadDone, ReadRequest, ShipError, Shipper, ShipperConfig, ShipperState};
+use journal::wire::Mode;
+use journal::{ReadError, Seq, SharedJournal, SyncError, Timestamp};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use transport::{Client, Fault, FrameError, FrameReceiver, FrameSender};
+
+/// How often heartbeats are considered and the status is refreshed.
+pub const TICK_INTERVAL: Duration = Duration::from_millis(100);
+/// First wait before reconnecting; doubles up to [`RECONNECT_DELAY_MAX`].
+pub const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between connection attempts.
+pub const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(5);
+/// Wait before asking again after the appliance refused the job (an operator must act).
+pub const REFUSED_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// The job's replication state, as reported in metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// Dialling the appliance.
+    Connecting,
+    /// Streaming records.
+    Replicating,
+    /// The last attempt failed; waiting to try again.
+    Disconnected,
+    /// The appliance refused the job; an operator must act (the reason is in the status).
+    Refused,
+}
+
+impl LinkState {
+    /// Every state, for the `cdp_job_state` metric.
+    pub const ALL: [LinkState; 4] = [
+        LinkState::Connecting,
+        LinkState::Replicating,
+        LinkState::Disconnected,
+        LinkState::Refused,
+    ];
+
+    /// The state's name in metrics and the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Replicating => "replicating",
+            LinkState::Disconnected => "disconnected",
+            LinkState::Refused => "refused",
+        }
+    }
+}
+
+/// What the shipper reports.
+#[derive(Clone, Debug)]
+pub struct ShipStatus {
+    /// Link state.
+    pub state: LinkState,
+    /// Why the last connection ended, when it did not end cleanly.
+    pub reason: Option<String>,
+    /// Highest seq the appliance acknowledged durable.
+    pub acked: Seq,
+    /// Oldest unacknowledged record's seq and timestamp, when known (for the RPO).
+    pub oldest_unacked: Option<(Seq, Timestamp)>,
+    /// Stored bytes in flight.
+    pub lag_bytes: u64,
+    /// Stored record bytes shipped, resends included, since the agent started.
+    pub shipped_bytes: u64,
+    /// UDP bytes sent on replication connections since the agent started.
+    pub wire_bytes: u64,
+}
+
+/// The replication handle shared by the driver, the filter chain and the metrics.
+#[derive(Debug)]
+pub struct Replication {
+    mode: Mode,
+    sync_ack_timeout: Duration,
+    /// The appliance's acknowledged seq. Invariant: never decreases.
+    acked: watch::Sender<Seq>,
+    /// Signalled after every append, so the driver syncs and ships at once.
+    appended: Notify,
+    /// Sync mode fell back to async after an ack timed out; cleared when the appliance
+    /// catches up.
+    degraded: AtomicBool,
+    status: Mutex<ShipStatus>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain status data: a panic elsewhere does not make it inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The agent's clock in microseconds since the Unix epoch.
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Replication {
+    /// A handle for a job in `mode`; `acked` is where the appliance stood last (nothing known
+    /// yet: `Seq::NONE`).
+    pub fn new(mode: Mode, sync_ack_timeout: Duration) -> Self {
+        let (acked, _) = watch::channel(Seq::NONE);
+        Self {
+            mode,
+            sync_ack_timeout,
+            acked,
+            appended: Notify::new(),
+            degraded: AtomicBool::new(false),
+            status: Mutex::new(ShipStatus {
+                state: LinkState::Connecting,
+                reason: None,
+                acked: Seq::NONE,
+                oldest_unacked: None,
+                lag_bytes: 0,
+                shipped_bytes: 0,
+                wire_bytes: 0,
+            }),
+        }
+    }
+
+    /// The replication mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// A record was appended: wake the driver.
+    pub fn notify_appended(&self) {
+        self.appended.notify_one();
+    }
+
+    /// In sync mode, waits until the appliance holds `seq` durably, or until the ack
+    /// timeout, after which the job runs degraded (async) until the appliance catches up.
+    /// Returns at once in async mode or while degraded.
+    pub async fn wait_acked(&self, seq: Seq) {
+        if self.mode != Mode::Sync || self.degraded.load(Ordering::Acquire) {
+            return;
+        }
+        let mut acked = self.acked.subscribe();
+        let waited = tokio::time::timeout(self.sync_ack_timeout, acked.wait_for(|a| *a >= seq)).await;
+        if waited.is_err() && !self.degraded.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                %seq,
+                timeout_ms = self.sync_ack_timeout.as_millis() as u64,
+                "sync replication: no ack from the appliance in time; acknowledging writes after the local journal until it catches up"
+            );
+        }
+    }
+
+    /// Whether sync mode has fallen back to async.
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Acquire)
+    }
+
+    /// A copy of the status.
+    pub fn status(&self) -> ShipStatus {
+        lock(&self.status).clone()
+    }
+
+    /// The RPO in seconds at `now_micros`: age of the oldest write the appliance has not
+    /// acknowledged, zero when everything is acknowledged.
+    pub fn rpo_seconds(&self, now_micros: u64, head: Seq) -> f64 {
+        let status = lock(&self.status);
+        if head <= status.acked {
+            return 0.0;
+        }
+        status
+            .oldest_unacked
+            .map_or(0.0, |(_, t)| now_micros.saturating_sub(t.unix_micros()) as f64 / 1e6)
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ShipStatus)) {
+        f(&mut lock(&self.status));
+    }
+
+    fn publish_acked(&self, acked: Seq, head: Seq) {
+        self.acked.send_if_modified(|a| {
+            if acked > *a {
+                *a = acked;
+                true
+            } else {
+                false
+            }
+        });
+        if acked >= head && self.degraded.swap(false, Ordering::AcqRel) {
+            tracing::info!(%acked, "sync replication: the appliance caught up; writes wait for its ack again");
+        }
+    }
+}
+
+/// Everything the driver needs.
+#[derive(Debug)]
+pub struct ShipperSetup {
+    /// The job as announced in every hello.
+    pub job: JobInfo,
+    /// The appliance.
+    pub target: SocketAddr,
+    /// The QUIC endpoint (holding the agent's identity and the pinned appliance).
+    pub client: Client,
+    /// Window and batch bounds.
+    pub config: ShipperConfig,
+    /// Fault injection (tests only).
+    pub fault: Option<Fault>,
+}
+
+/// The local endpoint for dialling `target`: any address of the same family.
+pub fn client_bind_addr(target: SocketAddr) -> SocketAddr {
+    match target {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    }
+}
+
+/// How a connection ended.
+enum End {
+    /// The agent is stopping.
+    Stopped,
+    /// The appliance refused the job.
+    Refused(String),
+    /// The connection failed; try again.
+    Failed(String),
+}
+
+/// Runs the shipper of `journal` until `stop` fires.
+pub async fn run_shipper(
+    setup: ShipperSetup,
+    journal: Arc<SharedJournal>,
+    replication: Arc<Replication>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut shipper = Shipper::new(
+        setup.config,
+        setup.job.clone(),
+        journal.first_seq(),
+        journal.head_seq(),
+        journal.durable_seq(),
+    );
+    let mut delay = RECONNECT_DELAY_MIN;
+    let mut wire_before = 0;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        replication.update(|s| s.state = LinkState::Connecting);
+        let end = match setup.client.connect(setup.target).await {
+            Ok(connection) => {
+                delay = RECONNECT_DELAY_MIN;
+                tracing::info!(target = %setup.target, appliance = %connection.peer_name().as_str(), "connected to the appliance");
+                let end = match connection.open_bi().await {
+                    Ok((send, recv)) => {
+                        let mut tx = FrameSender::new(send, setup.fault);
+                        let mut rx = FrameReceiver::new(recv);
+                        let mut link = Link {
+                            shipper: &mut shipper,
+                            journal: &journal,
+                            replication: &replication,
+                            connection: &connection,
+                            wire_before,
+                        };
+                        link.stream(&mut tx, &mut rx, &mut stop).await
+                    }
+                    Err(e) => End::Failed(format!("opening the job's stream: {e}")),
+                };
+                wire_before += connection.udp_sent_bytes();
+                connection.close(transport::CloseCode::Done.code(), b"agent closing");
+                end
+            }
+            Err(e) => End::Failed(e.to_string()),
+        };
+        shipper.handle_disconnected();
+        let wait = match end {
+            End::Stopped => break,
+            End::Refused(reason) => {
+                tracing::error!(%reason, "the appliance refused the job; retrying in {}s", REFUSED_RETRY_DELAY.as_secs());
+                replication.update(|s| {
+                    s.state = LinkState::Refused;
+                    s.reason = Some(reason);
+                    s.lag_bytes = 0;
+                });
+                REFUSED_RETRY_DELAY
+            }
+            End::Failed(reason) => {
+                tracing::warn!(%reason, retry_in = ?delay, "replication link down");
+                replication.update(|s| {
+                    s.state = LinkState::Disconnected;
+                    s.reason = Some(reason);
+                    s.lag_bytes = 0;
+                });
+                let wait = delay;
+                delay = (delay * 2).min(RECONNECT_DELAY_MAX);
+                wait
+            }
+        };
+        // While disconnected the journal still grows: keep it durable and the RPO current.
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            refresh_oldest_unacked(&journal, &replication, shipper.acked_seq()).await;
+            let tick = tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + TICK_INTERVAL));
+            tokio::select! {
+                _ = tick => {}
+                _ = stop.changed() => break,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+    }
+    replication.update(|s| s.state = LinkState::Disconnected);
+}
+
+/// Looks up the timestamp of the oldest unacknowledged record when it changed.
+async fn refresh_oldest_unacked(journal: &Arc<SharedJournal>, replication: &Replication, acked: Seq) {
+    let next = acked.next();
+    let known = replication.status().oldest_unacked.map(|(seq, _)| seq);
+    if journal.head_seq() < next {
+        replication.update(|s| s.oldest_unacked = None);
+        return;
+    }
+    if known == Some(next) {
+        return;
+    }
+    let j = Arc::clone(journal);
+    let found = tokio::task::spawn_blocking(move || -> Result<Option<Timestamp>, ReadError> {
+        let mut reader = j.raw_reader(next)?;
+        Ok(reader.next_stored()?.map(|(h, _)| h.timestamp))
+    })
+    .await;
+    if let Ok(Ok(Some(timestamp))) = found {
+        replication.update(|s| s.oldest_unacked = Some((next, timestamp)));
+    }
+}
+
+/// One connection's streaming loop.
+struct Link<'a> {
+    shipper: &'a mut Shipper,
+    journal: &'a Arc<SharedJournal>,
+    replication: &'a Arc<Replication>,
+    connection: &'a transport::Connection,
+    wire_before: u64,
+}
+
+impl Link<'_> {
+    async fn stream(&mut self, tx: &mut FrameSender, rx: &mut FrameReceiver, stop: &mut watch::Receiver<bool>) -> End {
+        match self.stream_inner(tx, rx, stop).await {
+            Ok(end) => end,
+            Err(LinkError::Ship(ShipError::Refused { code, message })) => End::Refused(format!("{code:?}: {message}")),
+            Err(e) => End::Failed(e.to_string()),
+        }
+    }
+
+    async fn stream_inner(
+        &mut self,
+        tx: &mut FrameSender,
+        rx: &mut FrameReceiver,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<End, LinkError> {
+        let journal = self.journal;
+        self.shipper
+            .handle_journal(journal.first_seq(), journal.head_seq(), journal.durable_seq());
+        self.shipper.handle_connected();
+        let mut read_task: Option<JoinHandle<Result<Option<ReadDone>, ReadError>>> = None;
+        let mut sync_task: Option<JoinHandle<Result<Seq, SyncError>>> = None;
+        let mut trim_task: Option<JoinHandle<()>> = None;
+        let mut tick = tokio::time::interval(TICK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut streaming = false;
+        loop {
+            let head = journal.head_seq();
+            self.shipper.handle_journal(journal.first_seq(), head, journal.durable_seq());
+            if sync_task.is_none() && head > journal.durable_seq() {
+                let j = Arc::clone(journal);
+                sync_task = Some(tokio::task::spawn_blocking(move || j.sync()));
+            }
+            if read_task.is_none() {
+                if let Some(request) = self.shipper.poll_read() {
+                    let j = Arc::clone(journal);
+                    read_task = Some(tokio::task::spawn_blocking(move || read_records(&j, request)));
+                }
+            }
+            while let Some(frame) = self.shipper.poll_transmit() {
+                tx.send(&frame).await?;
+            }
+            if trim_task.as_ref().is_none_or(|t| t.is_finished()) {
+                if let Some(up_to) = self.shipper.poll_trim() {
+                    let j = Arc::clone(journal);
+                    trim_task = Some(tokio::task::spawn_blocking(move || {
+                        if let Err(e) = j.trim(up_to) {
+                            tracing::warn!(error = %e, "trimming the journal failed");
+                        }
+                    }));
+                }
+            }
+            if !streaming && *self.shipper.state() == ShipperState::Streaming {
+                streaming = true;
+                tracing::info!(acked = %self.shipper.acked_seq(), head = %head, "streaming to the appliance");
+                self.replication.update(|s| {
+                    s.state = LinkState::Replicating;
+                    s.reason = None;
+                });
+            }
+            self.replication.publish_acked(self.shipper.acked_seq(), head);
+            let (shipped, inflight) = (self.shipper.shipped_bytes_total(), self.shipper.inflight_bytes());
+            let wire = self.wire_before + self.connection.udp_sent_bytes();
+            self.replication.update(|s| {
+                s.acked = s.acked.max(self.shipper.acked_seq());
+                s.lag_bytes = inflight;
+                s.shipped_bytes = shipped;
+                s.wire_bytes = wire;
+            });
+
+            tokio::select! {
+                biased;
+                _ = stop.changed() => {
+                    tx.finish();
+                    return Ok(End::Stopped);
+                }
+                frame = rx.recv() => match frame? {
+                    Some(frame) => self.shipper.handle_frame(frame)?,
+                    None => return Ok(End::Failed("the appliance closed the stream".into())),
+                },
+                done = join(&mut sync_task) => {
+                    sync_task = None;
+                    done.map_err(|e| LinkError::Task(e.to_string()))?.map_err(|e| LinkError::Journal(e.to_string()))?;
+                }
+                done = join(&mut read_task) => {
+                    read_task = None;
+                    let read = done.map_err(|e| LinkError::Task(e.to_string()))?.map_err(|e| LinkError::Journal(e.to_string()))?;
+                    match read {
+                        Some(read) => self.shipper.handle_read(read),
+                        // The shipper asks only for durable seqs the journal holds.
+                        None => return Err(LinkError::Journal("a record the shipper asked for is not in the journal".into())),
+                    }
+                }
+                _ = self.replication.appended.notified() => {}
+                _ = tick.tick() => {
+                    refresh_oldest_unacked(journal, self.replication, self.shipper.acked_seq()).await;
+                    let oldest = self.replication.status().oldest_unacked.map(|(_, t)| t);
+                    self.shipper.handle_tick(now_micros(), oldest);
+                }
+            }
+        }
+    }
+}
+
+/// Awaits a task slot; pending forever while it is empty (so a `select!` branch sleeps).
+async fn join<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match task.as_mut() {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads the records a [`ReadRequest`] asks for, exactly as stored.
+fn read_records(journal: &SharedJournal, request: ReadRequest) -> Result<Option<ReadDone>, ReadError> {
+    let mut reader = journal.raw_reader(request.from)?;
+    let mut records = Vec::new();
+    let mut count = 0u32;
+    let mut first_timestamp = None;
+    let mut seq = request.from;
+    while seq <= request.to_max && (records.is_empty() || records.len() < request.bytes_max) {
+        let Some((header, bytes)) = reader.next_stored()? else {
+            break;
+        };
+        if records.len() + bytes.len() > request.bytes_max && !records.is_empty() {
+            break;
+        }
+        first_timestamp.get_or_insert(header.timestamp);
+        records.extend_from_slice(bytes);
+        count += 1;
+        seq = seq.next();
+    }
+    Ok(first_timestamp.map(|first_timestamp| ReadDone {
+        first_seq: request.from,
+        count,
+        records,
+        first_timestamp,
+    }))
+}
+
+/// Why a connection's streaming loop stopped.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error(transparent)]
+    Ship(#[from] ShipError),
+    #[error("local journal: {0}")]
+    Journal(String),
+    #[error("blocking task failed: {0}")]
+    Task(String),
+}

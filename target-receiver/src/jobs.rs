@@ -1,0 +1,548 @@
+//! The appliance's jobs on disk and in memory. One directory per job:
+//!
+//! ```text
+//! DATA_DIR/jobs/<job id, 32 hex>/job.toml          what the job is (written once, atomically)
+//! DATA_DIR/jobs/<job id>/landing/                  the landing journal (journal crate)
+//! DATA_DIR/jobs/<job id>/replicas/<disk>.img       one raw replica per source disk
+//! DATA_DIR/jobs/<job id>/applied                   the applied seq last made durable
+//! ```
+//!
+//! A [`Job`] holds the open landing journal, the replicas and the live state the API and the
+//! metrics read. Must never: let two connections append to one landing journal at once (the
+//! [`Job::writer`] lock), or record an applied seq before the replicas holding it are synced.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use blockdev::{create_image, FileDevice};
+use journal::ship::JobInfo;
+use journal::wire::{DiskInfo, Heartbeat, Mode};
+use journal::{DiskId, Generation, JobId, Journal, JournalConfig, Seq, SharedJournal};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::watch;
+use transport::fsutil::{write_replacing, MODE_PUBLIC_FILE};
+
+/// The directory holding every job.
+pub const JOBS_DIR: &str = "jobs";
+/// A job's description.
+pub const JOB_FILE: &str = "job.toml";
+/// A job's landing journal directory.
+pub const LANDING_DIR: &str = "landing";
+/// A job's replica directory.
+pub const REPLICAS_DIR: &str = "replicas";
+/// A job's applied-seq file.
+pub const APPLIED_FILE: &str = "applied";
+/// First line of the applied-seq file.
+const APPLIED_HEADER: &str = "cdp-applied v1";
+
+/// Why a job could not be created, loaded or updated.
+#[derive(Debug, Error)]
+pub enum JobError {
+    /// A file or directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// A job file does not parse.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The landing journal could not be opened.
+    #[error("landing journal {path}: {message}")]
+    Landing {
+        /// Its directory.
+        path: PathBuf,
+        /// The journal's error.
+        message: String,
+    },
+    /// A disk name cannot be a replica file name.
+    #[error("disk name {0:?} cannot name a replica file")]
+    DiskName(String),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> JobError + '_ {
+    move |source| JobError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// `job.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobFile {
+    id: String,
+    name: String,
+    /// The paired agent that created the job; only it may replicate into it.
+    agent: String,
+    generation: u64,
+    mode: String,
+    #[serde(rename = "disk")]
+    disks: Vec<DiskFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskFile {
+    id: u32,
+    name: String,
+    size_bytes: u64,
+}
+
+/// What a job is: as the agent first announced it, and who the agent is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobMeta {
+    /// The job as announced (id, name, generation, mode, disks).
+    pub info: JobInfo,
+    /// The paired agent's name.
+    pub agent: String,
+}
+
+impl JobMeta {
+    fn to_file(&self) -> JobFile {
+        JobFile {
+            id: self.info.job.to_string(),
+            name: self.info.job_name.clone(),
+            agent: self.agent.clone(),
+            generation: self.info.generation.0,
+            mode: mode_name(self.info.mode).to_owned(),
+            disks: self
+                .info
+                .disks
+                .iter()
+                .map(|d| DiskFile {
+                    id: d.disk.0,
+                    name: d.name.clone(),
+                    size_bytes: d.size_bytes,
+                })
+                .collect(),
+        }
+    }
+
+    fn from_file(file: JobFile, path: &Path) -> Result<Self, JobError> {
+        let parse = |message: String| JobError::Parse {
+            path: path.to_owned(),
+            message,
+        };
+        let job = JobId::parse_hex(&file.id).ok_or_else(|| parse(format!("job id {:?} is not 32 hex digits", file.id)))?;
+        let mode = match file.mode.as_str() {
+            "async" => Mode::Async,
+            "sync" => Mode::Sync,
+            other => return Err(parse(format!("mode {other:?} is neither async nor sync"))),
+        };
+        Ok(JobMeta {
+            info: JobInfo {
+                job,
+                job_name: file.name,
+                generation: Generation(file.generation),
+                mode,
+                disks: file
+                    .disks
+                    .into_iter()
+                    .map(|d| DiskInfo {
+                        disk: DiskId(d.id),
+                        name: d.name,
+                        size_bytes: d.size_bytes,
+                    })
+                    .collect(),
+            },
+            agent: file.agent,
+        })
+    }
+}
+
+/// `async` or `sync`.
+pub fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Async => "async",
+        Mode::Sync => "sync",
+    }
+}
+
+/// What the link to the job's agent looks like now.
+#[derive(Debug, Clone, Default)]
+pub struct LinkStatus {
+    /// A connection carries the job now.
+    pub connected: bool,
+    /// The agent's last heartbeat and when it arrived.
+    pub heartbeat: Option<(Heartbeat, Instant)>,
+    /// Why the last connection ended or was refused, if it did not end cleanly.
+    pub last_error: Option<String>,
+}
+
+/// One replica disk.
+#[derive(Debug)]
+pub struct Replica {
+    /// The disk as the agent announced it.
+    pub info: DiskInfo,
+    /// The raw image.
+    pub path: PathBuf,
+    /// The open image.
+    pub device: Arc<FileDevice>,
+}
+
+/// A job: its landing journal, replicas and live state.
+#[derive(Debug)]
+pub struct Job {
+    /// The job's directory.
+    pub dir: PathBuf,
+    meta: JobMeta,
+    /// The landing journal. Invariant: only the holder of [`Job::writer`] appends to it.
+    pub landing: Arc<SharedJournal>,
+    /// The replicas by disk id.
+    pub replicas: BTreeMap<DiskId, Replica>,
+    /// Held by the connection that lands records for the job.
+    pub writer: Arc<tokio::sync::Mutex<()>>,
+    /// Bumped when a new connection takes the job over; the old one stops when it sees it.
+    pub session: watch::Sender<u64>,
+    /// The landing journal's durable seq, published for the applier.
+    pub landed: watch::Sender<Seq>,
+    /// Highest seq applied to the replicas (not necessarily durable in them yet).
+    applied: AtomicU64,
+    /// Highest applied seq recorded in the applied file, replicas synced.
+    applied_durable: AtomicU64,
+    link: Mutex<LinkStatus>,
+    apply_error: Mutex<Option<String>>,
+    /// Records refused for a bad checksum, framing or seq, over the job's life in this process.
+    pub corrupt_records: AtomicU64,
+    /// Stored record bytes landed, over the job's life in this process.
+    pub landed_bytes: AtomicU64,
+    /// Set once the applier has been started for this job.
+    pub applier_started: AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data under these locks is plain status; a panic elsewhere does not make it unsafe.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Job {
+    /// Creates the job's directory, replicas (sparse, of the announced sizes), description
+    /// and empty landing journal, all durable, or opens what an earlier attempt left.
+    fn create(dir: PathBuf, meta: JobMeta) -> Result<Job, JobError> {
+        fs::create_dir_all(dir.join(REPLICAS_DIR)).map_err(io_error(&dir))?;
+        for disk in &meta.info.disks {
+            let path = replica_path(&dir, &disk.name)?;
+            create_image(&path, disk.size_bytes).map_err(io_error(&path))?;
+        }
+        let text = toml::to_string(&meta.to_file()).map_err(|e| JobError::Parse {
+            path: dir.join(JOB_FILE),
+            message: e.to_string(),
+        })?;
+        let path = dir.join(JOB_FILE);
+        write_replacing(&path, text.as_bytes(), MODE_PUBLIC_FILE).map_err(io_error(&path))?;
+        if let Some(parent) = dir.parent() {
+            fs::File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(io_error(parent))?;
+        }
+        Job::open(dir, meta)
+    }
+
+    /// Opens the job in `dir` described by `meta`.
+    fn open(dir: PathBuf, meta: JobMeta) -> Result<Job, JobError> {
+        let landing_dir = dir.join(LANDING_DIR);
+        let journal = Journal::open(
+            &landing_dir,
+            JournalConfig::new(meta.info.job, meta.info.generation),
+        )
+        .map_err(|e| JobError::Landing {
+            path: landing_dir.clone(),
+            message: e.to_string(),
+        })?;
+        if let Some(torn) = &journal.recovery().torn_tail {
+            tracing::warn!(job = %meta.info.job, ?torn, "landing journal had a torn tail; it was cut");
+        }
+        let mut replicas = BTreeMap::new();
+        for disk in &meta.info.disks {
+            let path = replica_path(&dir, &disk.name)?;
+            let device = create_image(&path, disk.size_bytes).map_err(io_error(&path))?;
+            replicas.insert(
+                disk.disk,
+                Replica {
+                    info: disk.clone(),
+                    path,
+                    device: Arc::new(device),
+                },
+            );
+        }
+        let applied = read_applied(&dir.join(APPLIED_FILE))?;
+        let landed = journal.durable_seq();
+        // The landing journal is trimmed only below the applied seq recorded, so it holds
+        // everything after it; a recorded seq beyond what landed means the files were mixed.
+        if applied > landed {
+            return Err(JobError::Parse {
+                path: dir.join(APPLIED_FILE),
+                message: format!("applied seq {applied} is beyond the landing journal's durable seq {landed}"),
+            });
+        }
+        let (landed_tx, _) = watch::channel(landed);
+        let (session, _) = watch::channel(0);
+        Ok(Job {
+            dir,
+            meta,
+            landing: Arc::new(journal.into_shared()),
+            replicas,
+            writer: Arc::new(tokio::sync::Mutex::new(())),
+            session,
+            landed: landed_tx,
+            applied: AtomicU64::new(applied.0),
+            applied_durable: AtomicU64::new(applied.0),
+            link: Mutex::new(LinkStatus::default()),
+            apply_error: Mutex::new(None),
+            corrupt_records: AtomicU64::new(0),
+            landed_bytes: AtomicU64::new(0),
+            applier_started: AtomicBool::new(false),
+        })
+    }
+
+    /// The job's id.
+    pub fn id(&self) -> JobId {
+        self.meta.info.job
+    }
+
+    /// What the job is.
+    pub fn meta(&self) -> &JobMeta {
+        &self.meta
+    }
+
+    /// Highest seq applied to the replicas.
+    pub fn applied(&self) -> Seq {
+        Seq(self.applied.load(Ordering::Acquire))
+    }
+
+    /// Highest applied seq recorded durably.
+    pub fn applied_durable(&self) -> Seq {
+        Seq(self.applied_durable.load(Ordering::Acquire))
+    }
+
+    /// The replicas hold every record up to `seq` (in the page cache at least).
+    pub fn set_applied(&self, seq: Seq) {
+        let before = self.applied.swap(seq.0, Ordering::AcqRel);
+        assert!(seq.0 >= before, "applied seq went back from {before} to {seq}");
+    }
+
+    /// Records `seq` as applied in the applied file; the caller synced the replicas first.
+    pub fn record_applied(&self, seq: Seq) -> Result<(), JobError> {
+        let path = self.dir.join(APPLIED_FILE);
+        let text = format!("{APPLIED_HEADER}\n{}\n", seq.0);
+        write_replacing(&path, text.as_bytes(), MODE_PUBLIC_FILE).map_err(io_error(&path))?;
+        self.applied_durable.store(seq.0, Ordering::Release);
+        Ok(())
+    }
+
+    /// The link status.
+    pub fn link(&self) -> LinkStatus {
+        lock(&self.link).clone()
+    }
+
+    /// Changes the link status.
+    pub fn update_link(&self, f: impl FnOnce(&mut LinkStatus)) {
+        f(&mut lock(&self.link));
+    }
+
+    /// The applier's last error, if it is stopped on one.
+    pub fn apply_error(&self) -> Option<String> {
+        lock(&self.apply_error).clone()
+    }
+
+    /// Sets or clears the applier's error.
+    pub fn set_apply_error(&self, error: Option<String>) {
+        *lock(&self.apply_error) = error;
+    }
+}
+
+/// Where the replica of disk `name` lives in job directory `dir`.
+fn replica_path(dir: &Path, name: &str) -> Result<PathBuf, JobError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !ok {
+        return Err(JobError::DiskName(name.to_owned()));
+    }
+    Ok(dir.join(REPLICAS_DIR).join(format!("{name}.img")))
+}
+
+fn read_applied(path: &Path) -> Result<Seq, JobError> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Seq::NONE),
+        Err(e) => return Err(io_error(path)(e)),
+    };
+    let mut lines = text.lines();
+    let parsed = match (lines.next(), lines.next(), lines.next()) {
+        (Some(APPLIED_HEADER), Some(seq), None) => seq.parse::<u64>().ok(),
+        _ => None,
+    };
+    parsed.map(Seq).ok_or_else(|| JobError::Parse {
+        path: path.to_owned(),
+        message: format!("expected `{APPLIED_HEADER}` and a seq"),
+    })
+}
+
+/// Every job of the appliance.
+#[derive(Debug)]
+pub struct Jobs {
+    dir: PathBuf,
+    jobs: Mutex<BTreeMap<JobId, Arc<Job>>>,
+}
+
+impl Jobs {
+    /// Loads every job under `data_dir/jobs/`.
+    pub fn load(data_dir: &Path) -> Result<Jobs, JobError> {
+        let dir = data_dir.join(JOBS_DIR);
+        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let mut jobs = BTreeMap::new();
+        for entry in fs::read_dir(&dir).map_err(io_error(&dir))? {
+            let entry = entry.map_err(io_error(&dir))?;
+            let job_dir = entry.path();
+            let Some(id) = entry.file_name().to_str().and_then(JobId::parse_hex) else {
+                continue;
+            };
+            let file = job_dir.join(JOB_FILE);
+            let text = match fs::read_to_string(&file) {
+                Ok(text) => text,
+                // A creation that crashed before its description was written never
+                // acknowledged anything; the agent will create it again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_error(&file)(e)),
+            };
+            let parsed: JobFile = toml::from_str(&text).map_err(|e| JobError::Parse {
+                path: file.clone(),
+                message: e.to_string(),
+            })?;
+            let meta = JobMeta::from_file(parsed, &file)?;
+            if meta.info.job != id {
+                return Err(JobError::Parse {
+                    path: file,
+                    message: format!("holds job {} but lives in the directory of {id}", meta.info.job),
+                });
+            }
+            let job = Job::open(job_dir, meta)?;
+            tracing::info!(
+                job = %id,
+                name = %job.meta.info.job_name,
+                landed = %job.landing.durable_seq(),
+                applied = %job.applied(),
+                "job loaded"
+            );
+            jobs.insert(id, Arc::new(job));
+        }
+        Ok(Jobs {
+            dir,
+            jobs: Mutex::new(jobs),
+        })
+    }
+
+    /// The job `id`, if it exists.
+    pub fn get(&self, id: JobId) -> Option<Arc<Job>> {
+        lock(&self.jobs).get(&id).cloned()
+    }
+
+    /// Every job, by id.
+    pub fn all(&self) -> Vec<Arc<Job>> {
+        lock(&self.jobs).values().cloned().collect()
+    }
+
+    /// The job `meta` describes, created if it does not exist yet (blocking: creates files).
+    pub fn get_or_create(&self, meta: JobMeta) -> Result<Arc<Job>, JobError> {
+        let mut jobs = lock(&self.jobs);
+        if let Some(job) = jobs.get(&meta.info.job) {
+            return Ok(Arc::clone(job));
+        }
+        let id = meta.info.job;
+        let job = Arc::new(Job::create(self.dir.join(id.to_string()), meta)?);
+        tracing::info!(job = %id, name = %job.meta.info.job_name, agent = %job.meta.agent, "job created");
+        jobs.insert(id, Arc::clone(&job));
+        Ok(job)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> JobMeta {
+        JobMeta {
+            info: JobInfo {
+                job: JobId([7; 16]),
+                job_name: "web".into(),
+                generation: Generation(1),
+                mode: Mode::Sync,
+                disks: vec![
+                    DiskInfo {
+                        disk: DiskId(0),
+                        name: "os".into(),
+                        size_bytes: 1 << 20,
+                    },
+                    DiskInfo {
+                        disk: DiskId(3),
+                        name: "data".into(),
+                        size_bytes: 3 << 20,
+                    },
+                ],
+            },
+            agent: "host-1".into(),
+        }
+    }
+
+    #[test]
+    fn a_created_job_loads_back_with_its_replicas_and_applied_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::load(dir.path()).unwrap();
+        let job = jobs.get_or_create(meta()).unwrap();
+        assert_eq!(job.replicas.len(), 2);
+        assert_eq!(blockdev::BlockDevice::size_bytes(&*job.replicas[&DiskId(3)].device), 3 << 20);
+        assert_eq!(job.applied(), Seq::NONE);
+        job.record_applied(Seq::NONE).unwrap();
+        drop(job);
+        drop(jobs);
+        let jobs = Jobs::load(dir.path()).unwrap();
+        let job = jobs.get(JobId([7; 16])).unwrap();
+        assert_eq!(job.meta(), &meta());
+        assert_eq!(job.applied_durable(), Seq::NONE);
+        let text = fs::read_to_string(job.dir.join(JOB_FILE)).unwrap();
+        assert!(text.contains("agent = \"host-1\""), "{text}");
+    }
+
+    #[test]
+    fn bad_files_are_named_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::load(dir.path()).unwrap();
+        let job = jobs.get_or_create(meta()).unwrap();
+        let applied = job.dir.join(APPLIED_FILE);
+        drop(job);
+        drop(jobs);
+        fs::write(&applied, "cdp-applied v1\nlots\n").unwrap();
+        let err = Jobs::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("applied") && err.contains("expected `cdp-applied v1`"), "{err}");
+        fs::write(&applied, "cdp-applied v1\n5\n").unwrap();
+        let err = Jobs::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("beyond the landing journal's durable seq 0"), "{err}");
+    }
+
+    #[test]
+    fn disk_names_that_escape_the_directory_are_refused() {
+        let dir = Path::new("/j");
+        for bad in ["", "../x", ".hidden", "a/b", "x y"] {
+            assert!(replica_path(dir, bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(replica_path(dir, "os-1.2_x").unwrap(), Path::new("/j/replicas/os-1.2_x.img"));
+    }
+}

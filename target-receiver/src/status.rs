@@ -1,0 +1,208 @@
+//! What the appliance reports about its jobs, computed from their live state on demand: the
+//! REST API's job statuses (the web crate's DTOs) and the Prometheus metrics. Rendering only
+//! reads atomics and short locks; nothing here blocks.
+
+use std::sync::Arc;
+
+use journal::Seq;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use web::api::{Control, DiskStatus, JobStatus};
+
+use crate::jobs::{mode_name, Job, Jobs};
+
+/// The job's state as the operator sees it.
+pub fn job_state(job: &Job) -> (&'static str, Option<String>) {
+    let link = job.link();
+    if let Some(error) = job.apply_error() {
+        return ("error", Some(format!("applier: {error}")));
+    }
+    if link.connected {
+        return ("replicating", None);
+    }
+    match link.last_error {
+        Some(e) if e.starts_with("refused") => ("refused", Some(e)),
+        Some(e) => ("disconnected", Some(e)),
+        None if link.heartbeat.is_some() => ("disconnected", None),
+        None => ("waiting", Some("the agent has not connected since the appliance started".into())),
+    }
+}
+
+/// Every state [`job_state`] can report, for the `cdp_job_state` metric.
+pub const JOB_STATES: [&str; 5] = ["replicating", "disconnected", "refused", "error", "waiting"];
+
+/// A job's status for the REST API.
+pub fn job_status(job: &Job) -> JobStatus {
+    let meta = job.meta();
+    let link = job.link();
+    let (state, state_reason) = job_state(job);
+    let landed = job.landing.durable_seq();
+    let applied = job.applied();
+    let heartbeat = link.heartbeat.as_ref();
+    JobStatus {
+        id: meta.info.job.to_string(),
+        name: meta.info.job_name.clone(),
+        agent: meta.agent.clone(),
+        state: state.to_owned(),
+        state_reason,
+        mode: mode_name(meta.info.mode).to_owned(),
+        generation: meta.info.generation.0,
+        connected: link.connected,
+        rpo_seconds: heartbeat.map_or(0.0, |(h, _)| h.rpo_micros as f64 / 1e6),
+        lag_records: heartbeat.map_or(0, |(h, _)| h.lag_records),
+        lag_bytes: heartbeat.map_or(0, |(h, _)| h.lag_bytes),
+        agent_head_seq: heartbeat.map_or(landed.0, |(h, _)| h.head_seq.0),
+        landing_durable_seq: landed.0,
+        applied_seq: applied.0,
+        apply_lag_records: landed.0.saturating_sub(applied.0),
+        last_heartbeat_age_seconds: heartbeat.map(|(_, at)| at.elapsed().as_secs_f64()),
+        disks: job
+            .replicas
+            .values()
+            .map(|r| DiskStatus {
+                id: r.info.disk.0,
+                name: r.info.name.clone(),
+                size_bytes: r.info.size_bytes,
+                replica_path: r.path.display().to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// The REST API's view of the appliance.
+#[derive(Debug)]
+pub struct ApplianceControl {
+    jobs: Arc<Jobs>,
+}
+
+impl ApplianceControl {
+    /// The control of `jobs`.
+    pub fn new(jobs: Arc<Jobs>) -> Self {
+        Self { jobs }
+    }
+}
+
+impl Control for ApplianceControl {
+    fn jobs(&self) -> Vec<JobStatus> {
+        self.jobs.all().iter().map(|job| job_status(job)).collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct JobLabel {
+    job: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct JobStateLabel {
+    job: String,
+    state: String,
+}
+
+/// The appliance's metrics, one registry per appliance.
+#[derive(Debug)]
+pub struct ApplianceMetrics {
+    registry: Registry,
+    landing_durable_seq: Family<JobLabel, Gauge>,
+    applied_seq: Family<JobLabel, Gauge>,
+    apply_lag_records: Family<JobLabel, Gauge>,
+    rpo_seconds: Family<JobLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    heartbeat_age_seconds: Family<JobLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    landed_bytes: Family<JobLabel, Counter>,
+    corrupt_records: Family<JobLabel, Counter>,
+    job_state: Family<JobStateLabel, Gauge>,
+    connected: Family<JobLabel, Gauge>,
+}
+
+impl Default for ApplianceMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ApplianceMetrics {
+    /// Every metric registered, no sample yet.
+    pub fn new() -> Self {
+        let mut m = Self {
+            registry: Registry::default(),
+            landing_durable_seq: Family::default(),
+            applied_seq: Family::default(),
+            apply_lag_records: Family::default(),
+            rpo_seconds: Family::default(),
+            heartbeat_age_seconds: Family::default(),
+            landed_bytes: Family::default(),
+            corrupt_records: Family::default(),
+            job_state: Family::default(),
+            connected: Family::default(),
+        };
+        let r = &mut m.registry;
+        r.register("cdp_landing_durable_seq", "Last seq durable in the job's landing journal", m.landing_durable_seq.clone());
+        r.register("cdp_applied_seq", "Last seq applied to the job's replica disks", m.applied_seq.clone());
+        r.register("cdp_apply_lag_records", "Records landed but not yet applied", m.apply_lag_records.clone());
+        r.register(
+            "cdp_rpo_seconds",
+            "Age of the oldest write not yet durable at the appliance, as last reported by the agent (its clock)",
+            m.rpo_seconds.clone(),
+        );
+        r.register(
+            "cdp_agent_heartbeat_age_seconds",
+            "Seconds since the agent's last heartbeat (on the appliance's clock)",
+            m.heartbeat_age_seconds.clone(),
+        );
+        r.register("cdp_landed_bytes", "Stored record bytes landed since the appliance started", m.landed_bytes.clone());
+        r.register(
+            "cdp_corrupt_records",
+            "Records refused for a failed checksum, framing or seq (then fetched again)",
+            m.corrupt_records.clone(),
+        );
+        r.register("cdp_job_state", "1 for the job's current state, 0 for the others", m.job_state.clone());
+        r.register("cdp_job_connected", "1 while the job's agent is connected", m.connected.clone());
+        m
+    }
+
+    /// Samples every job and renders the exposition text.
+    pub fn render(&self, jobs: &Jobs) -> String {
+        for job in jobs.all() {
+            let label = JobLabel {
+                job: job.id().to_string(),
+            };
+            let status = job_status(&job);
+            let landed = Seq(status.landing_durable_seq);
+            self.landing_durable_seq.get_or_create(&label).set(landed.0 as i64);
+            self.applied_seq.get_or_create(&label).set(status.applied_seq as i64);
+            self.apply_lag_records.get_or_create(&label).set(status.apply_lag_records as i64);
+            self.rpo_seconds.get_or_create(&label).set(status.rpo_seconds);
+            if let Some(age) = status.last_heartbeat_age_seconds {
+                self.heartbeat_age_seconds.get_or_create(&label).set(age);
+            }
+            set_counter(&self.landed_bytes.get_or_create(&label), job.landed_bytes.load(std::sync::atomic::Ordering::Relaxed));
+            set_counter(
+                &self.corrupt_records.get_or_create(&label),
+                job.corrupt_records.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            for state in JOB_STATES {
+                let label = JobStateLabel {
+                    job: label.job.clone(),
+                    state: state.to_owned(),
+                };
+                self.job_state.get_or_create(&label).set(i64::from(status.state == state));
+            }
+            self.connected.get_or_create(&label).set(i64::from(status.connected));
+        }
+        let mut text = String::new();
+        // Encoding into a String cannot fail: fmt::Write for String never errors.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Raises a counter to `total` (counters only go up; the job's own totals are the truth).
+fn set_counter(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
