@@ -33,6 +33,8 @@ fn fio_random_writes_verified_with_crc32c() -> Result<()> {
             &format!("--offset_increment={JOB_BYTES}"),
             "--verify=crc32c",
             "--verify_fatal=1",
+            // No verify-state files in the working directory (the checkout).
+            "--verify_state_save=0",
             "--do_verify=1",
             "--runtime=120",
             "--output-format=json",
