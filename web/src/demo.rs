@@ -751,7 +751,7 @@ async fn start_and_watch(
     })?;
     let replica = wait_for_job(config, &client, children, layout).await?;
     let facts = GuideFacts { replica, ..facts };
-    say!(out, "\n{}", guide_text(&facts));
+    say!(out, "\n{}", guide_text(&facts).trim_end());
     watch(config, &client, children, Instant::now(), out).await
 }
 
