@@ -4,6 +4,7 @@
 //! (timestamps are parameters). It must never return a byte it has not verified.
 //!
 //! Map:
+//! - [`mark`]: the payload of a `Checkpoint` record.
 //! - [`types`]: `Seq`, `Generation`, `DiskId`, `JobId`, `Timestamp`, `RecordKind`, `Codec`.
 //! - [`record`]: the record format as pure codecs (`encode_record`, `decode_record`,
 //!   `verify_stored`), usable on the network as on disk.
@@ -24,6 +25,7 @@
 
 pub mod error;
 mod journal;
+pub mod mark;
 pub mod mem;
 mod reader;
 pub mod record;

@@ -17,9 +17,13 @@ use std::collections::VecDeque;
 use crate::record::{RecordDecoder, RecordHeader};
 use crate::types::{Generation, JobId, Seq, Timestamp};
 use crate::wire::{
-    Batch, DiskInfo, Frame, Heartbeat, Hello, Mode, Refuse, RefuseCode, Resend, ResendReason,
-    Welcome, WIRE_VERSION,
+    Batch, CheckpointRequest, DiskInfo, Frame, Heartbeat, Hello, Mode, Refuse, RefuseCode,
+    Resend, ResendReason, Welcome, WIRE_VERSION,
 };
+
+/// Checkpoint requests the shipper holds for its driver, at most; more are dropped (the
+/// operator's call times out and says so).
+pub const CHECKPOINT_REQUESTS_MAX: usize = 64;
 
 /// Bounds and periods of a shipper.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,6 +184,8 @@ pub struct Shipper {
     trimmed: Seq,
     last_heartbeat_micros: Option<u64>,
     shipped_bytes_total: u64,
+    /// Checkpoints the appliance asked for, in order, for the driver to append.
+    checkpoint_requests: VecDeque<CheckpointRequest>,
 }
 
 impl Shipper {
@@ -202,6 +208,7 @@ impl Shipper {
             trimmed: Seq::NONE,
             last_heartbeat_micros: None,
             shipped_bytes_total: 0,
+            checkpoint_requests: VecDeque::new(),
         }
     }
 
@@ -261,6 +268,12 @@ impl Shipper {
             }
             (ShipperState::Streaming, Frame::Ack(seq)) => self.handle_ack(seq),
             (ShipperState::Streaming, Frame::Resend(r)) => self.handle_resend(r),
+            (ShipperState::Streaming, Frame::CheckpointRequest(c)) => {
+                if self.checkpoint_requests.len() < CHECKPOINT_REQUESTS_MAX {
+                    self.checkpoint_requests.push_back(c);
+                }
+                Ok(())
+            }
             (_, frame) => Err(ShipError::Unexpected {
                 state: self.state_name(),
                 frame: frame_name(&frame),
@@ -422,6 +435,12 @@ impl Shipper {
         self.outbox.pop_front()
     }
 
+    /// A checkpoint the appliance asked for: the driver runs the hook if asked, appends a
+    /// `Checkpoint` record carrying the request id, and ships it like any record.
+    pub fn poll_checkpoint(&mut self) -> Option<CheckpointRequest> {
+        self.checkpoint_requests.pop_front()
+    }
+
     /// A seq below which the agent's journal may be trimmed, once per advance of the ack.
     pub fn poll_trim(&mut self) -> Option<Seq> {
         if self.acked > self.trimmed {
@@ -498,6 +517,7 @@ fn frame_name(frame: &Frame) -> &'static str {
         Frame::Ack(_) => "ack",
         Frame::Heartbeat(_) => "heartbeat",
         Frame::Resend(_) => "resend",
+        Frame::CheckpointRequest(_) => "checkpoint request",
     }
 }
 
@@ -710,13 +730,15 @@ impl Lander {
 
     /// Whether a verified record is the one the landing journal expects next.
     fn record_fits(&self, header: &RecordHeader, expected: Seq) -> bool {
-        header.seq == expected
-            && header.generation == self.generation
-            && self
+        // Checkpoint and flush records change no disk; every other record must name one of
+        // the job's disks.
+        let disk_known = matches!(header.kind, crate::types::RecordKind::Checkpoint | crate::types::RecordKind::Flush)
+            || self
                 .state
                 .job
                 .as_ref()
-                .is_none_or(|j| j.disks.iter().any(|d| d.disk == header.disk))
+                .is_none_or(|j| j.disks.iter().any(|d| d.disk == header.disk));
+        header.seq == expected && header.generation == self.generation && disk_known
     }
 
     fn ask_resend(&mut self, reason: ResendReason) {
@@ -751,6 +773,13 @@ impl Lander {
             other => Err(LandError::Unexpected {
                 frame: frame_name(&other),
             }),
+        }
+    }
+
+    /// The operator asked for a checkpoint: the request goes to the agent.
+    pub fn request_checkpoint(&mut self, request: CheckpointRequest) {
+        if self.welcomed {
+            self.outbox.push_back(Frame::CheckpointRequest(request));
         }
     }
 

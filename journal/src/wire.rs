@@ -32,6 +32,7 @@ const TYPE_BATCH: u8 = 4;
 const TYPE_ACK: u8 = 5;
 const TYPE_HEARTBEAT: u8 = 6;
 const TYPE_RESEND: u8 = 7;
+const TYPE_CHECKPOINT_REQUEST: u8 = 8;
 
 /// How the agent acknowledges its client's writes (the job's replication mode).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,6 +165,21 @@ pub struct Resend {
     pub reason: ResendReason,
 }
 
+/// Appliance → agent: an operator asked for a checkpoint. The agent runs its consistency hook
+/// when asked (and configured), appends a `Checkpoint` record whose mark
+/// (`crate::mark::CheckpointMark`) carries `request_id`, and ships it like any record: the
+/// checkpoint is the record's seq, ordered with the writes around it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointRequest {
+    /// Chosen by the appliance; echoed in the record's mark.
+    pub request_id: u64,
+    /// Run the agent's consistency hook first (e.g. a guest fsfreeze).
+    pub app_consistent: bool,
+    /// Operator tags (at most `mark::CHECKPOINT_TAGS_MAX`, each 1 to
+    /// `mark::CHECKPOINT_TAG_BYTES_MAX` bytes).
+    pub tags: Vec<String>,
+}
+
 /// Every frame of the protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -181,6 +197,8 @@ pub enum Frame {
     Heartbeat(Heartbeat),
     /// See [`Resend`].
     Resend(Resend),
+    /// See [`CheckpointRequest`].
+    CheckpointRequest(CheckpointRequest),
 }
 
 /// Why bytes could not be decoded into a frame.
@@ -256,6 +274,16 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
                 h.lag_bytes,
             ] {
                 out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        Frame::CheckpointRequest(c) => {
+            out.push(TYPE_CHECKPOINT_REQUEST);
+            out.extend_from_slice(&c.request_id.to_le_bytes());
+            out.push(u8::from(c.app_consistent));
+            let tags = &c.tags[..c.tags.len().min(crate::mark::CHECKPOINT_TAGS_MAX)];
+            out.push(tags.len() as u8);
+            for tag in tags {
+                put_str(out, tag, crate::mark::CHECKPOINT_TAG_BYTES_MAX);
             }
         }
         Frame::Resend(r) => {
@@ -387,6 +415,31 @@ pub fn decode(bytes: &[u8]) -> Result<(Frame, usize), DecodeError> {
                 _ => return Err(DecodeError::Invalid("unknown resend reason")),
             };
             Frame::Resend(Resend { from_seq, reason })
+        }
+        TYPE_CHECKPOINT_REQUEST => {
+            let request_id = r.u64()?;
+            let app_consistent = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(DecodeError::Invalid("unknown checkpoint flags")),
+            };
+            let count = usize::from(r.u8()?);
+            if count > crate::mark::CHECKPOINT_TAGS_MAX {
+                return Err(DecodeError::Invalid("too many checkpoint tags"));
+            }
+            let mut tags = Vec::with_capacity(count);
+            for _ in 0..count {
+                let tag = r.str(crate::mark::CHECKPOINT_TAG_BYTES_MAX)?;
+                if tag.is_empty() {
+                    return Err(DecodeError::Invalid("empty checkpoint tag"));
+                }
+                tags.push(tag);
+            }
+            Frame::CheckpointRequest(CheckpointRequest {
+                request_id,
+                app_consistent,
+                tags,
+            })
         }
         _ => return Err(DecodeError::Invalid("unknown frame type")),
     };
@@ -538,6 +591,11 @@ mod tests {
             Frame::Resend(Resend {
                 from_seq: Seq(6),
                 reason: ResendReason::Corrupt,
+            }),
+            Frame::CheckpointRequest(CheckpointRequest {
+                request_id: 0xfeed,
+                app_consistent: true,
+                tags: vec!["before-upgrade".into(), "ü".into()],
             }),
         ]
     }

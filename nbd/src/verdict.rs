@@ -87,13 +87,26 @@ fn reject(error: ErrorCode, reason: &'static str) -> Verdict {
     Verdict::Reject { error, reason }
 }
 
-/// Judges `header` against `export`. Checks, in order: known and advertised command, known
-/// and applicable flags, read-only export, length against the maximum block size (`READ` and
-/// `WRITE`, the commands whose length is a payload), alignment to the minimum block size,
-/// range within the export, zero length.
+/// Judges `header` against `export`. Checks, in order: read-only export, known and
+/// advertised command, known and applicable flags, length against the maximum block size
+/// (`READ` and `WRITE`, the commands whose length is a payload), alignment to the minimum
+/// block size, range within the export, zero length.
+///
+/// On an export advertising `NBD_FLAG_READ_ONLY`, `WRITE`, `TRIM` and `WRITE_ZEROES` are
+/// answered `EPERM` before anything else is looked at: the protocol asks for `EPERM` for a
+/// write or trim on a read-only export, and such an export advertises neither `SEND_TRIM`
+/// nor `SEND_WRITE_ZEROES`, so the advertised-command check would otherwise answer `EINVAL`.
 pub fn judge(header: &RequestHeader, export: &ExportParams) -> Verdict {
     use TransmissionFlags as T;
     let advertised = |flag: T| export.flags.contains(flag);
+    let writes = matches!(
+        header.command,
+        Command::Write | Command::Trim | Command::WriteZeroes
+    );
+    if writes && advertised(T::READ_ONLY) {
+        return reject(ErrorCode::EPERM, "export is read-only");
+    }
+
     let command_ok = match header.command {
         Command::Read | Command::Write | Command::Disc => true,
         Command::Flush => advertised(T::SEND_FLUSH),
@@ -124,14 +137,6 @@ pub fn judge(header: &RequestHeader, export: &ExportParams) -> Verdict {
         return reject(ErrorCode::EINVAL, "command flag not valid for this command");
     }
     let fua = header.flags.contains(CommandFlags::FUA);
-
-    let writes = matches!(
-        header.command,
-        Command::Write | Command::Trim | Command::WriteZeroes
-    );
-    if writes && advertised(T::READ_ONLY) {
-        return reject(ErrorCode::EPERM, "export is read-only");
-    }
 
     match header.command {
         Command::Disc => return Verdict::Disconnect,
@@ -327,6 +332,33 @@ mod tests {
             (0, 0, 0, 512),
             "Execute(Read { offset: 0, length: 512 })",
         );
+        // Read-only as a recovery view advertises it (no flush, FUA, trim or write-zeroes):
+        // every kind of write is EPERM, advertised or not, whatever its flags, range or
+        // length; reads go on as usual.
+        let ro = TransmissionFlags(
+            TransmissionFlags::HAS_FLAGS.0
+                | TransmissionFlags::READ_ONLY.0
+                | TransmissionFlags::CAN_MULTI_CONN.0,
+        );
+        check(ro, (1, 0, 0, 512), "EPERM export is read-only");
+        check(ro, (1, 1, 0, 512), "EPERM export is read-only");
+        check(ro, (1, 0, 1 << 30, 512), "EPERM export is read-only");
+        check(ro, (1, 0, 0, 0), "EPERM export is read-only");
+        check(ro, (4, 0, 0, 512), "EPERM export is read-only");
+        check(ro, (6, 2, 0, 512), "EPERM export is read-only");
+        check(
+            ro,
+            (0, 0, 0, 512),
+            "Execute(Read { offset: 0, length: 512 })",
+        );
+        check(ro, (0, 0, 0, 0), "Nothing");
+        check(
+            ro,
+            (0, 1, 0, 512),
+            "EINVAL command flag not valid for this command",
+        );
+        check(ro, (3, 0, 0, 0), "EINVAL unknown or unadvertised command");
+        check(ro, (2, 0, 0, 0), "Disconnect");
         // Larger than the maximum block size: READ and WRITE only.
         check(
             f,

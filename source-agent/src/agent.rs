@@ -26,10 +26,10 @@ use tokio::task::JoinSet;
 use crate::backing::{BlockDevice, FileDevice};
 use crate::chain::DiskChain;
 use crate::config::{AgentConfig, ConfigError, ReplicationSettings};
-use crate::replicate::{client_bind_addr, run_shipper, Replication, ShipperSetup};
 use crate::metrics::AgentMetrics;
 use crate::registry::{DataDirLock, Registry, RegistryError};
-use crate::server::{spawn_connection, Export, ServerContext};
+use crate::replicate::{client_bind_addr, run_shipper, Replication, ShipperSetup};
+use crate::server::{serve_tcp, serve_unix, Export, ServerContext, ServerEvents};
 use crate::sink::RecordSink;
 
 /// A bound listener, as announced on stdout.
@@ -110,6 +110,9 @@ pub enum StartError {
     /// Replication is configured but cannot start.
     #[error("replication: {0}")]
     Replication(String),
+    /// The NBD server refused a disk's export (configuration validation rules it out).
+    #[error(transparent)]
+    Export(#[from] nbd_server::AddExportError),
     /// A listener cannot be bound.
     #[error("binding {what}: {source}")]
     Bind {
@@ -169,7 +172,10 @@ impl Agent {
     }
 
     /// Starts the agent with some parts substituted.
-    pub async fn start_with(config: &AgentConfig, overrides: Overrides) -> Result<Self, StartError> {
+    pub async fn start_with(
+        config: &AgentConfig,
+        overrides: Overrides,
+    ) -> Result<Self, StartError> {
         let disks = config.validate()?;
         let data_dir = &config.data_dir;
         std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir {
@@ -181,14 +187,17 @@ impl Agent {
 
         let mut opened = Vec::with_capacity(disks.len());
         for disk in &disks {
-            let device: Arc<dyn BlockDevice> = match overrides.devices.get(&disk.name) {
-                Some(device) => Arc::clone(device),
-                None => Arc::new(FileDevice::open(&disk.path).map_err(|source| StartError::Device {
-                    name: disk.name.clone(),
-                    path: disk.path.clone(),
-                    source,
-                })?),
-            };
+            let device: Arc<dyn BlockDevice> =
+                match overrides.devices.get(&disk.name) {
+                    Some(device) => Arc::clone(device),
+                    None => Arc::new(FileDevice::open(&disk.path).map_err(|source| {
+                        StartError::Device {
+                            name: disk.name.clone(),
+                            path: disk.path.clone(),
+                            source,
+                        }
+                    })?),
+                };
             let size_bytes = device.size_bytes();
             let min = u64::from(disk.block_sizes.min_bytes);
             if size_bytes == 0 || size_bytes % min != 0 {
@@ -222,7 +231,10 @@ impl Agent {
             })?;
             let job = JobInfo {
                 job: JobId(registry.job()),
-                job_name: settings.job_name.clone().unwrap_or_else(|| default_job_name(data_dir)),
+                job_name: settings
+                    .job_name
+                    .clone()
+                    .unwrap_or_else(|| default_job_name(data_dir)),
                 generation: Generation(registry.generation()),
                 mode: settings.mode()?,
                 disks: opened
@@ -242,7 +254,13 @@ impl Agent {
             shipping = Some((setup, journal));
         }
         let metrics = Arc::new(AgentMetrics::new());
-        let mut exports = BTreeMap::new();
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let events: Arc<dyn ServerEvents> = Arc::clone(&metrics) as Arc<dyn ServerEvents>;
+        let ctx = Arc::new(ServerContext::new(
+            config.limits.server_limits(),
+            events,
+            shutdown_rx,
+        ));
         let mut chains = Vec::new();
         for (disk, device, id) in opened {
             let chain = Arc::new(
@@ -250,25 +268,29 @@ impl Agent {
                     .with_replication(replication.clone()),
             );
             let filters: Vec<&str> = disk.chain.iter().map(|f| f.name()).collect();
-            exports.insert(
-                disk.name.clone(),
-                Arc::new(Export {
-                    name: disk.name.clone(),
-                    description: format!("cdp-agent disk {} (filters: {})", disk.name, filters.join(", ")),
-                    block_sizes: disk.block_sizes,
-                    chain: Arc::clone(&chain),
-                }),
-            );
+            ctx.add_export(Export {
+                name: disk.name.clone(),
+                description: format!(
+                    "cdp-agent disk {} (filters: {})",
+                    disk.name,
+                    filters.join(", ")
+                ),
+                block_sizes: disk.block_sizes,
+                backend: Arc::clone(&chain) as Arc<dyn nbd_server::ExportBackend>,
+                read_only: false,
+            })?;
             chains.push(chain);
         }
 
         let mut listening = Vec::new();
         let mut tcp = Vec::new();
         for addr in &config.nbd_listen {
-            let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
-                what: format!("NBD TCP listener {addr}"),
-                source,
-            })?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: format!("NBD TCP listener {addr}"),
+                    source,
+                })?;
             let bound = listener.local_addr().map_err(|source| StartError::Bind {
                 what: format!("NBD TCP listener {addr}"),
                 source,
@@ -288,10 +310,12 @@ impl Agent {
         }
         let mut metrics_listener = None;
         if let Some(addr) = config.metrics_listen {
-            let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
-                what: format!("metrics listener {addr}"),
-                source,
-            })?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: format!("metrics listener {addr}"),
+                    source,
+                })?;
             let bound = listener.local_addr().map_err(|source| StartError::Bind {
                 what: format!("metrics listener {addr}"),
                 source,
@@ -300,13 +324,6 @@ impl Agent {
             metrics_listener = Some(listener);
         }
 
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let ctx = Arc::new(ServerContext::new(
-            exports,
-            config.limits.clone(),
-            Arc::clone(&metrics),
-            shutdown_rx,
-        ));
         tracing::info!(
             job = %registry.job_hex(),
             disks = disks.len(),
@@ -350,40 +367,10 @@ impl Agent {
     pub async fn serve(self, stop: impl Future<Output = ()>) -> Result<(), ServeError> {
         let mut accept = JoinSet::new();
         for listener in self.tcp {
-            let ctx = Arc::clone(&self.ctx);
-            accept.spawn(async move {
-                let mut shutdown = ctx.shutdown.clone();
-                loop {
-                    tokio::select! {
-                        biased;
-                        _ = crate::server::stopped(&mut shutdown) => break,
-                        accepted = listener.accept() => match accepted {
-                            Ok((stream, peer)) => {
-                                let _ = stream.set_nodelay(true);
-                                spawn_connection(stream, peer.to_string(), &ctx);
-                            }
-                            Err(e) => accept_failed(e).await,
-                        },
-                    }
-                }
-            });
+            accept.spawn(serve_tcp(listener, Arc::clone(&self.ctx)));
         }
         for (listener, path) in self.unix {
-            let ctx = Arc::clone(&self.ctx);
-            accept.spawn(async move {
-                let mut shutdown = ctx.shutdown.clone();
-                loop {
-                    tokio::select! {
-                        biased;
-                        _ = crate::server::stopped(&mut shutdown) => break,
-                        accepted = listener.accept() => match accepted {
-                            Ok((stream, _)) => spawn_connection(stream, path.display().to_string(), &ctx),
-                            Err(e) => accept_failed(e).await,
-                        },
-                    }
-                }
-                let _ = std::fs::remove_file(&path);
-            });
+            accept.spawn(serve_unix(listener, path, Arc::clone(&self.ctx)));
         }
         let metrics_server = self.metrics_listener.map(|listener| {
             let metrics = Arc::clone(&self.metrics);
@@ -398,9 +385,9 @@ impl Agent {
                 }
                 metrics.render()
             });
-            let mut shutdown = self.ctx.shutdown.clone();
+            let mut shutdown = self.ctx.shutdown();
             tokio::spawn(web::metrics::serve(listener, render, async move {
-                crate::server::stopped(&mut shutdown).await;
+                let _ = shutdown.wait_for(|stop| *stop).await;
             }))
         });
 
@@ -494,7 +481,11 @@ fn default_job_name(data_dir: &Path) -> String {
 }
 
 /// Loads the agent's identity and pinned appliance and binds the QUIC endpoint.
-fn shipper_setup(data_dir: &Path, settings: &ReplicationSettings, job: JobInfo) -> Result<ShipperSetup, StartError> {
+fn shipper_setup(
+    data_dir: &Path,
+    settings: &ReplicationSettings,
+    job: JobInfo,
+) -> Result<ShipperSetup, StartError> {
     let data = transport::DataDir::new(data_dir);
     if !data.identity_dir().join(transport::KEY_FILE).exists() {
         return Err(StartError::Replication(format!(
@@ -502,19 +493,30 @@ fn shipper_setup(data_dir: &Path, settings: &ReplicationSettings, job: JobInfo) 
             data_dir.display()
         )));
     }
-    let identity = data.identity().map_err(|e| StartError::Replication(format!("identity: {e}")))?;
-    let trust = data.trust_store().map_err(|e| StartError::Replication(format!("trust store: {e}")))?;
+    let identity = data
+        .identity()
+        .map_err(|e| StartError::Replication(format!("identity: {e}")))?;
+    let trust = data
+        .trust_store()
+        .map_err(|e| StartError::Replication(format!("trust store: {e}")))?;
     if trust.peers().is_empty() {
         return Err(StartError::Replication(format!(
             "no appliance is pinned in {}: run `cdp-agent pair` first",
             data.trust_path().display()
         )));
     }
-    let client = transport::Client::bind(client_bind_addr(settings.target), &identity, Arc::new(trust))
-        .map_err(|e| StartError::Replication(format!("QUIC endpoint: {e}")))?;
+    let client = transport::Client::bind(
+        client_bind_addr(settings.target),
+        &identity,
+        Arc::new(trust),
+    )
+    .map_err(|e| StartError::Replication(format!("QUIC endpoint: {e}")))?;
     let fault = transport::Fault::from_env();
     if let Some(fault) = fault {
-        tracing::warn!(?fault, "FAULT INJECTION is on (CDP_FAULT_CORRUPT_BATCHES): batches are corrupted on purpose");
+        tracing::warn!(
+            ?fault,
+            "FAULT INJECTION is on (CDP_FAULT_CORRUPT_BATCHES): batches are corrupted on purpose"
+        );
     }
     Ok(ShipperSetup {
         job,
@@ -526,6 +528,7 @@ fn shipper_setup(data_dir: &Path, settings: &ReplicationSettings, job: JobInfo) 
             ..ShipperConfig::default()
         },
         fault,
+        checkpoint_hook: settings.checkpoint_hook.clone(),
     })
 }
 
@@ -535,12 +538,6 @@ fn remove_stale_socket(path: &Path) {
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
         let _ = std::fs::remove_file(path);
     }
-}
-
-/// Backs off after a failed accept (for example out of file descriptors).
-async fn accept_failed(e: std::io::Error) {
-    tracing::warn!(error = %e, "accept failed");
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 }
 
 /// Starts the agent, prints the start-up lines and `ready` on stdout, serves until `stop`.

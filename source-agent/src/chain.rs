@@ -27,6 +27,9 @@ use crate::ranges::RangeLocks;
 use crate::replicate::Replication;
 use crate::sink::{DiskId, RecordKind, RecordSink, Seq, SinkEntry, SinkError, Timestamp};
 
+/// Largest extent one trim or write-zeroes record covers; larger requests are split.
+pub const ZEROING_RECORD_BYTES_MAX: u64 = 32 << 20;
+
 /// Why an operation failed after it was accepted.
 #[derive(Debug, Error)]
 pub enum OpError {
@@ -239,15 +242,38 @@ impl DiskChain {
             let payload = Arc::clone(&request.payload);
             let (disk, timestamp) = (self.id, request.timestamp);
             self.blocking(move || {
-                sink.append(&SinkEntry {
-                    disk,
-                    kind,
-                    offset,
-                    length,
-                    payload: &payload,
-                    fua,
-                    timestamp,
-                })
+                if kind == RecordKind::Write {
+                    return sink.append(&SinkEntry {
+                        disk,
+                        kind,
+                        offset,
+                        length,
+                        payload: &payload,
+                        fua,
+                        timestamp,
+                    });
+                }
+                // A large trim or zeroing becomes several records of at most
+                // ZEROING_RECORD_BYTES_MAX, consecutive seqs under one range lock, so the
+                // appliance's applier never holds more than that of before-images for one
+                // record. The last seq stands for the request.
+                let mut at = offset;
+                let end = offset + u64::from(length);
+                let mut seq = Seq::NONE;
+                while at < end {
+                    let part = (end - at).min(ZEROING_RECORD_BYTES_MAX);
+                    seq = sink.append(&SinkEntry {
+                        disk,
+                        kind,
+                        offset: at,
+                        length: part as u32,
+                        payload: &[],
+                        fua,
+                        timestamp,
+                    })?;
+                    at += part;
+                }
+                Ok(seq)
             })
             .await?
             .map_err(|source| self.journal_error(source))?

@@ -46,7 +46,7 @@ pub struct PairArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// TOML configuration file (see docs/agent.md); excludes the other flags.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["data_dir", "nbd_listen", "nbd_socket", "disk", "metrics_listen", "filters", "target", "mode", "job_name"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["data_dir", "nbd_listen", "nbd_socket", "disk", "metrics_listen", "filters", "target", "mode", "job_name", "checkpoint_hook"])]
     pub config: Option<PathBuf>,
     /// Data directory (journal and disk table).
     #[arg(long, value_name = "DIR", required_unless_present = "config")]
@@ -75,6 +75,9 @@ pub struct RunArgs {
     /// The job's name as the appliance shows it.
     #[arg(long, value_name = "NAME", requires = "target")]
     pub job_name: Option<String>,
+    /// Run as `HOOK freeze` / `HOOK thaw` around application-consistent checkpoints.
+    #[arg(long, value_name = "HOOK", requires = "target")]
+    pub checkpoint_hook: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -97,6 +100,7 @@ impl RunArgs {
                 replication.mode = mode;
             }
             replication.job_name = self.job_name;
+            replication.checkpoint_hook = self.checkpoint_hook;
             config.replication = Some(replication);
         }
         for flag in &self.disk {

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use nbd_server::ServerLimits;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -73,6 +74,11 @@ pub struct ReplicationSettings {
     /// Stored bytes per batch, at most.
     #[serde(default = "default_batch_bytes_max")]
     pub batch_bytes_max: u64,
+    /// Run as `HOOK freeze` before and `HOOK thaw` after an application-consistent
+    /// checkpoint (for example a script calling a guest agent's fsfreeze); the checkpoint is
+    /// marked application-consistent only if `freeze` exits 0.
+    #[serde(default)]
+    pub checkpoint_hook: Option<PathBuf>,
 }
 
 impl ReplicationSettings {
@@ -85,6 +91,7 @@ impl ReplicationSettings {
             sync_ack_timeout_ms: default_sync_ack_timeout_ms(),
             inflight_bytes_max: default_inflight_bytes_max(),
             batch_bytes_max: default_batch_bytes_max(),
+            checkpoint_hook: None,
         }
     }
 
@@ -159,17 +166,36 @@ pub struct Limits {
 }
 
 impl Default for Limits {
+    /// The NBD server's own defaults, and `REQUEST_BYTES_MAX_DEFAULT`.
     fn default() -> Self {
+        let server = ServerLimits::default();
         Self {
-            option_bytes_max: 16 << 10,
-            option_discard_bytes_max: 1 << 20,
-            options_per_connection_max: 256,
+            option_bytes_max: server.option_bytes_max,
+            option_discard_bytes_max: server.option_discard_bytes_max,
+            options_per_connection_max: server.options_per_connection_max,
             request_bytes_max: REQUEST_BYTES_MAX_DEFAULT,
-            write_discard_bytes_max: 64 << 20,
-            requests_per_connection_max: 64,
-            inflight_bytes_max: 256 << 20,
-            connections_max: 256,
-            handshake_timeout_ms: 30_000,
+            write_discard_bytes_max: server.write_discard_bytes_max,
+            requests_per_connection_max: server.requests_per_connection_max,
+            inflight_bytes_max: server.inflight_bytes_max,
+            connections_max: server.connections_max,
+            handshake_timeout_ms: server.handshake_timeout_ms,
+        }
+    }
+}
+
+impl Limits {
+    /// The bounds the NBD server enforces. `request_bytes_max` is not among them: it is
+    /// advertised as every export's maximum block size, which the server holds requests to.
+    pub fn server_limits(&self) -> ServerLimits {
+        ServerLimits {
+            option_bytes_max: self.option_bytes_max,
+            option_discard_bytes_max: self.option_discard_bytes_max,
+            options_per_connection_max: self.options_per_connection_max,
+            write_discard_bytes_max: self.write_discard_bytes_max,
+            requests_per_connection_max: self.requests_per_connection_max,
+            inflight_bytes_max: self.inflight_bytes_max,
+            connections_max: self.connections_max,
+            handshake_timeout_ms: self.handshake_timeout_ms,
         }
     }
 }
@@ -230,7 +256,9 @@ pub enum ConfigError {
     #[error("no NBD listener configured: add --nbd-listen ADDR or --nbd-socket PATH")]
     NoListener,
     /// A disk name is not usable as an export name and metric label.
-    #[error("disk name {0:?}: use 1 to 64 characters from A-Z a-z 0-9 . _ - not starting with . or -")]
+    #[error(
+        "disk name {0:?}: use 1 to 64 characters from A-Z a-z 0-9 . _ - not starting with . or -"
+    )]
     DiskName(String),
     /// Two disks share a name.
     #[error("disk name {0:?} is configured twice")]
@@ -249,7 +277,9 @@ pub enum ConfigError {
         source: ChainError,
     },
     /// Block size constraints the protocol forbids.
-    #[error("disk {disk}: block_size_min {min_bytes} with request_bytes_max {max_bytes}: {reason}")]
+    #[error(
+        "disk {disk}: block_size_min {min_bytes} with request_bytes_max {max_bytes}: {reason}"
+    )]
     BlockSizes {
         /// The disk.
         disk: String,
@@ -324,9 +354,18 @@ impl AgentConfig {
         if let Some(r) = &self.replication {
             r.mode()?;
             let checks = [
-                (r.sync_ack_timeout_ms > 0, "sync_ack_timeout_ms must be positive"),
-                (r.batch_bytes_max >= 4096, "batch_bytes_max must be at least 4096"),
-                (r.inflight_bytes_max >= r.batch_bytes_max, "inflight_bytes_max must be at least batch_bytes_max"),
+                (
+                    r.sync_ack_timeout_ms > 0,
+                    "sync_ack_timeout_ms must be positive",
+                ),
+                (
+                    r.batch_bytes_max >= 4096,
+                    "batch_bytes_max must be at least 4096",
+                ),
+                (
+                    r.inflight_bytes_max >= r.batch_bytes_max,
+                    "inflight_bytes_max must be at least batch_bytes_max",
+                ),
                 (
                     r.job_name.as_deref().is_none_or(valid_disk_name),
                     "job_name must be 1 to 64 characters from A-Z a-z 0-9 . _ -",
@@ -381,22 +420,38 @@ impl AgentConfig {
     fn validate_limits(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         let checks = [
-            (l.option_bytes_max >= 4096 + 6, "option_bytes_max must hold a 4096-byte export name (at least 4102)"),
-            (l.options_per_connection_max > 0, "options_per_connection_max must be positive"),
-            (l.request_bytes_max >= 4096, "request_bytes_max must be at least 4096"),
-            (l.requests_per_connection_max > 0, "requests_per_connection_max must be positive"),
+            (
+                l.option_bytes_max >= 4096 + 6,
+                "option_bytes_max must hold a 4096-byte export name (at least 4102)",
+            ),
+            (
+                l.options_per_connection_max > 0,
+                "options_per_connection_max must be positive",
+            ),
+            (
+                l.request_bytes_max >= 4096,
+                "request_bytes_max must be at least 4096",
+            ),
+            (
+                l.requests_per_connection_max > 0,
+                "requests_per_connection_max must be positive",
+            ),
             (
                 l.inflight_bytes_max >= u64::from(l.request_bytes_max),
                 "inflight_bytes_max must be at least request_bytes_max",
             ),
             (l.connections_max > 0, "connections_max must be positive"),
-            (l.handshake_timeout_ms > 0, "handshake_timeout_ms must be positive"),
+            (
+                l.handshake_timeout_ms > 0,
+                "handshake_timeout_ms must be positive",
+            ),
             (
                 l.request_bytes_max <= journal::RECORD_PAYLOAD_BYTES_MAX,
                 "request_bytes_max must not exceed the journal's record payload limit (32 MiB)",
             ),
             (
-                (journal::SEGMENT_BYTES_MIN..=journal::SEGMENT_BYTES_LIMIT).contains(&self.journal.segment_bytes_max),
+                (journal::SEGMENT_BYTES_MIN..=journal::SEGMENT_BYTES_LIMIT)
+                    .contains(&self.journal.segment_bytes_max),
                 "journal segment_bytes_max must be between 16 KiB and 1 TiB",
             ),
         ];
@@ -469,7 +524,10 @@ mod tests {
             ),
             "a:journal:1 b:stats>journal:4096",
         );
-        check(HEAD, "no disk configured: add --disk NAME=PATH or a [[disk]] table");
+        check(
+            HEAD,
+            "no disk configured: add --disk NAME=PATH or a [[disk]] table",
+        );
         check(
             "data_dir = \"/d\"\n[[disk]]\nname = \"a\"\npath = \"/a\"\n",
             "no NBD listener configured: add --nbd-listen ADDR or --nbd-socket PATH",
@@ -495,13 +553,46 @@ mod tests {
             "disk a: block_size_min 3 with request_bytes_max 33554432: minimum block size must be a power of two no larger than 65536",
         );
         check(
-            &format!("{HEAD}[limits]\nrequest_bytes_max = 1024\n[[disk]]\nname = \"a\"\npath = \"/a\"\n"),
+            &format!(
+                "{HEAD}[limits]\nrequest_bytes_max = 1024\n[[disk]]\nname = \"a\"\npath = \"/a\"\n"
+            ),
             "limits: request_bytes_max must be at least 4096",
         );
         check(
             &format!("{HEAD}[[disk]]\nname = \"a\"\npath = \"/a\"\ncolour = \"red\"\n"),
             "parse: unknown field `colour`, expected one of `name`, `path`, `filters`, `block_size_min`",
         );
+    }
+
+    #[test]
+    fn default_limits_are_the_documented_ones() {
+        let limits = Limits::default();
+        let got = (
+            limits.option_bytes_max,
+            limits.option_discard_bytes_max,
+            limits.options_per_connection_max,
+            limits.request_bytes_max,
+            limits.write_discard_bytes_max,
+            limits.requests_per_connection_max,
+            limits.inflight_bytes_max,
+            limits.connections_max,
+            limits.handshake_timeout_ms,
+        );
+        assert_eq!(
+            got,
+            (
+                16 << 10,
+                1 << 20,
+                256,
+                32 << 20,
+                64 << 20,
+                64,
+                256 << 20,
+                256,
+                30_000
+            )
+        );
+        assert_eq!(limits.server_limits(), ServerLimits::default());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! write is in the job's journal before it is acknowledged.
 //!
 //! Map: [`config`] and [`cli`] (what to run), [`agent`] (assembly, start-up protocol,
-//! shutdown), [`server`] (sockets, handshake, transmission), [`chain`] and [`filter`] (the
+//! shutdown), [`server`] (the disks as exports of the `nbd-server` crate, which owns sockets,
+//! handshake and transmission), [`chain`] and [`filter`] (the
 //! filter chain), [`backing`] (the backing-disk trait, from the `blockdev` crate), [`sink`] and [`journal_sink`] (the
 //! journal), [`ranges`] (write ordering), [`registry`] (stable disk ids), [`metrics`],
 //! [`replay`], [`replicate`] (shipping the journal to the appliance: the driver of

@@ -205,6 +205,9 @@ impl Replication {
     }
 }
 
+/// Longest the consistency hook may run (each of `freeze` and `thaw`).
+pub const CHECKPOINT_HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Everything the driver needs.
 #[derive(Debug)]
 pub struct ShipperSetup {
@@ -218,6 +221,81 @@ pub struct ShipperSetup {
     pub config: ShipperConfig,
     /// Fault injection (tests only).
     pub fault: Option<Fault>,
+    /// Run as `HOOK freeze` before and `HOOK thaw` after an application-consistent
+    /// checkpoint (for example a guest agent's fsfreeze).
+    pub checkpoint_hook: Option<std::path::PathBuf>,
+}
+
+/// Runs `hook ARG` with a deadline; whether it exited 0.
+async fn run_hook(hook: &std::path::Path, arg: &str) -> bool {
+    let mut command = tokio::process::Command::new(hook);
+    command.arg(arg).kill_on_drop(true).stdin(std::process::Stdio::null());
+    match tokio::time::timeout(CHECKPOINT_HOOK_TIMEOUT, command.status()).await {
+        Ok(Ok(status)) if status.success() => true,
+        Ok(Ok(status)) => {
+            tracing::warn!(hook = %hook.display(), arg, %status, "checkpoint hook failed");
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(hook = %hook.display(), arg, error = %e, "checkpoint hook could not run");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(hook = %hook.display(), arg, "checkpoint hook timed out");
+            false
+        }
+    }
+}
+
+/// Answers a checkpoint request: the hook's `freeze` (when asked and configured), a
+/// `Checkpoint` record in the journal, the hook's `thaw`. The record is marked
+/// application-consistent only if `freeze` succeeded.
+async fn take_checkpoint(
+    journal: &Arc<SharedJournal>,
+    replication: &Replication,
+    hook: Option<&std::path::Path>,
+    request: journal::wire::CheckpointRequest,
+) -> Result<Seq, String> {
+    let frozen = match (request.app_consistent, hook) {
+        (true, Some(hook)) => run_hook(hook, "freeze").await,
+        (true, None) => {
+            tracing::warn!("an application-consistent checkpoint was asked for, but no checkpoint_hook is configured");
+            false
+        }
+        (false, _) => false,
+    };
+    let mark = journal::mark::CheckpointMark {
+        request_id: request.request_id,
+        app_consistent: frozen,
+        tags: request.tags,
+    }
+    .encode()
+    .map_err(|e| e.to_string());
+    let appended = match mark {
+        Ok(mark) => {
+            let j = Arc::clone(journal);
+            tokio::task::spawn_blocking(move || {
+                j.append(journal::Entry {
+                    disk: journal::DiskId(0),
+                    kind: journal::RecordKind::Checkpoint,
+                    offset: 0,
+                    length: mark.len() as u32,
+                    payload: &mark,
+                    timestamp: Timestamp(now_micros()),
+                    flags: journal::Flags::NONE,
+                })
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        }
+        Err(e) => Err(e),
+    };
+    if let (true, Some(hook)) = (request.app_consistent && hook.is_some(), hook) {
+        run_hook(hook, "thaw").await;
+    }
+    replication.notify_appended();
+    appended
 }
 
 /// The local endpoint for dialling `target`: any address of the same family.
@@ -273,6 +351,7 @@ pub async fn run_shipper(
                             replication: &replication,
                             connection: &connection,
                             wire_before,
+                            hook: setup.checkpoint_hook.as_deref(),
                         };
                         link.stream(&mut tx, &mut rx, &mut stop).await
                     }
@@ -354,6 +433,7 @@ struct Link<'a> {
     replication: &'a Arc<Replication>,
     connection: &'a transport::Connection,
     wire_before: u64,
+    hook: Option<&'a std::path::Path>,
 }
 
 impl Link<'_> {
@@ -432,7 +512,16 @@ impl Link<'_> {
                     return Ok(End::Stopped);
                 }
                 frame = rx.recv() => match frame? {
-                    Some(frame) => self.shipper.handle_frame(frame)?,
+                    Some(frame) => {
+                        self.shipper.handle_frame(frame)?;
+                        while let Some(request) = self.shipper.poll_checkpoint() {
+                            let id = request.request_id;
+                            match take_checkpoint(journal, self.replication, self.hook, request).await {
+                                Ok(seq) => tracing::info!(request = id, %seq, "checkpoint recorded"),
+                                Err(e) => tracing::error!(request = id, error = %e, "checkpoint could not be recorded"),
+                            }
+                        }
+                    }
                     None => return Ok(End::Failed("the appliance closed the stream".into())),
                 },
                 done = join(&mut sync_task) => {

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use blockdev::BlockDevice;
 use thiserror::Error;
@@ -25,6 +26,8 @@ use transport::{DataDir, Server, SystemClock};
 use web::api::ApiToken;
 
 use crate::apply::run_applier;
+use crate::retention::{retention_pass, RetentionPolicy};
+use crate::views::Views;
 use crate::jobs::{JobError, Jobs};
 use crate::landing::serve_connection;
 use crate::status::{ApplianceControl, ApplianceMetrics};
@@ -49,7 +52,33 @@ pub struct ApplianceConfig {
     pub api_listen: Option<SocketAddr>,
     /// `/metrics` listener, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// NBD listener for recovery views, if any.
+    pub view_listen: Option<SocketAddr>,
+    /// How much history every job keeps.
+    pub retention: RetentionPolicy,
+    /// Interval between automatic checkpoints.
+    pub checkpoint_interval: Duration,
 }
+
+impl ApplianceConfig {
+    /// A configuration with every default, listening for agents on `listen`.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
+        Self {
+            data_dir,
+            listen,
+            api_listen: None,
+            metrics_listen: None,
+            view_listen: None,
+            retention: RetentionPolicy::default(),
+            checkpoint_interval: crate::jobs::CHECKPOINT_INTERVAL_DEFAULT,
+        }
+    }
+}
+
+/// How often retention runs over every job.
+pub const RETENTION_INTERVAL: Duration = Duration::from_secs(10);
+/// Compaction to reclaim the space of dropped history runs at most this often per job.
+pub const COMPACTION_INTERVAL: Duration = Duration::from_secs(600);
 
 /// A bound listener, as announced on stdout.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +190,9 @@ pub struct InitSummary {
 pub struct Appliance {
     server: Server,
     jobs: Arc<Jobs>,
+    views: Arc<Views>,
+    retention: RetentionPolicy,
+    checkpoint_interval: Duration,
     api: Option<(TcpListener, ApiToken)>,
     metrics_listener: Option<TcpListener>,
     listening: Vec<Listening>,
@@ -201,6 +233,14 @@ impl Appliance {
                 message: e.to_string(),
             })??;
         let jobs = Arc::new(jobs);
+        config.retention.check().map_err(|message| ApplianceError::Load {
+            what: "retention policy",
+            message: message.to_owned(),
+        })?;
+        let views = Arc::new(Views::new(dir).map_err(|e| ApplianceError::Load {
+            what: "views",
+            message: e.to_string(),
+        })?);
 
         let mut listening = Vec::new();
         let server = Server::bind(
@@ -245,6 +285,9 @@ impl Appliance {
         Ok(Self {
             server,
             jobs,
+            views,
+            retention: config.retention,
+            checkpoint_interval: config.checkpoint_interval,
             api,
             metrics_listener,
             listening,
@@ -272,14 +315,41 @@ impl Appliance {
         let start_appliers = {
             let jobs = Arc::clone(&self.jobs);
             let stop_rx = stop_rx.clone();
+            let interval = self.checkpoint_interval;
             move |appliers: &mut tokio::task::JoinSet<()>| {
                 for job in jobs.all() {
                     if !job.applier_started.swap(true, Ordering::AcqRel) {
+                        job.set_checkpoint_interval(interval);
                         appliers.spawn(run_applier(job, stop_rx.clone()));
                     }
                 }
             }
         };
+        {
+            let (jobs, views, policy) = (Arc::clone(&self.jobs), Arc::clone(&self.views), self.retention);
+            let mut stop = stop_rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(RETENTION_INTERVAL);
+                let mut compacted: std::collections::HashMap<journal::JobId, Instant> = std::collections::HashMap::new();
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.changed() => break,
+                    }
+                    let (jobs, views) = (Arc::clone(&jobs), Arc::clone(&views));
+                    let mut done = std::mem::take(&mut compacted);
+                    let result = tokio::task::spawn_blocking(move || {
+                        run_retention(&jobs, &views, &policy, &mut done);
+                        done
+                    })
+                    .await;
+                    match result {
+                        Ok(done) => compacted = done,
+                        Err(e) => tracing::error!(error = %e, "retention task failed"),
+                    }
+                }
+            });
+        }
         start_appliers(&mut appliers);
 
         if let Some((listener, token)) = self.api {
@@ -358,6 +428,31 @@ impl Appliance {
             Ok(())
         } else {
             Err(ApplianceError::Sync(failures.join("; ")))
+        }
+    }
+}
+
+/// One retention pass over every job; compacts a job whose floor rose, at most every
+/// [`COMPACTION_INTERVAL`].
+fn run_retention(jobs: &Jobs, views: &Views, policy: &RetentionPolicy, compacted: &mut std::collections::HashMap<journal::JobId, Instant>) {
+    for job in jobs.all() {
+        // Under the views' lock: no view is created below the floor while it is chosen.
+        let outcome = views.with_leases(|lease| retention_pass(&job, policy, lease(job.id())));
+        match outcome {
+            Ok(outcome) => {
+                if outcome.over_bound {
+                    tracing::warn!(job = %job.id(), bytes = outcome.history_bytes, bound = policy.history_bytes_max, "history is larger than its bound; the window is kept");
+                }
+                let due = compacted.get(&job.id()).is_none_or(|t| t.elapsed() >= COMPACTION_INTERVAL);
+                if outcome.floor_raised && due {
+                    if let Err(e) = job.history.compact() {
+                        tracing::warn!(job = %job.id(), error = %e, "compacting the history failed");
+                    }
+                    compacted.insert(job.id(), Instant::now());
+                }
+                job.set_retention(outcome);
+            }
+            Err(e) => tracing::error!(job = %job.id(), error = %e, "retention failed"),
         }
     }
 }

@@ -72,17 +72,31 @@ pub struct RunArgs {
     /// /metrics listener, IP:PORT.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// NBD listener for recovery views, IP:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub view_listen: Option<SocketAddr>,
+    /// How far back every job's history reaches: 30m, 24h, up to 720h (30 days).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub history_window: Duration,
+    /// Interval between automatic checkpoints.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub checkpoint_interval: Duration,
+    /// Warn when a job's history grows beyond this many bytes (0: never).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    pub history_bytes_max: u64,
 }
 
 impl RunArgs {
     /// The appliance configuration these flags describe.
     pub fn into_config(self) -> ApplianceConfig {
-        ApplianceConfig {
-            data_dir: self.data_dir,
-            listen: self.listen,
-            api_listen: self.api_listen,
-            metrics_listen: self.metrics_listen,
-        }
+        let mut config = ApplianceConfig::new(self.data_dir, self.listen);
+        config.api_listen = self.api_listen;
+        config.metrics_listen = self.metrics_listen;
+        config.view_listen = self.view_listen;
+        config.retention.window = self.history_window;
+        config.retention.history_bytes_max = self.history_bytes_max;
+        config.checkpoint_interval = self.checkpoint_interval;
+        config
     }
 }
 

@@ -4,12 +4,13 @@
 //! DATA_DIR/jobs/<job id, 32 hex>/job.toml          what the job is (written once, atomically)
 //! DATA_DIR/jobs/<job id>/landing/                  the landing journal (journal crate)
 //! DATA_DIR/jobs/<job id>/replicas/<disk>.img       one raw replica per source disk
-//! DATA_DIR/jobs/<job id>/applied                   the applied seq last made durable
+//! DATA_DIR/jobs/<job id>/history/                  before-images, checkpoints, applied seq (RocksDB)
 //! ```
 //!
-//! A [`Job`] holds the open landing journal, the replicas and the live state the API and the
-//! metrics read. Must never: let two connections append to one landing journal at once (the
-//! [`Job::writer`] lock), or record an applied seq before the replicas holding it are synced.
+//! A [`Job`] holds the open landing journal, the replicas, the history store and the live
+//! state the API and the metrics read. Opening a job finishes the recovery of a pass a crash
+//! interrupted (`apply::recover`). Must never: let two connections append to one landing
+//! journal at once (the [`Job::writer`] lock).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -21,12 +22,14 @@ use std::time::Instant;
 
 use blockdev::{create_image, FileDevice};
 use journal::ship::JobInfo;
-use journal::wire::{DiskInfo, Heartbeat, Mode};
+use journal::wire::{CheckpointRequest, DiskInfo, Heartbeat, Mode};
 use journal::{DiskId, Generation, JobId, Journal, JournalConfig, Seq, SharedJournal};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::watch;
 use transport::fsutil::{write_replacing, MODE_PUBLIC_FILE};
+
+use crate::history::{Checkpoint, CheckpointKind, History};
 
 /// The directory holding every job.
 pub const JOBS_DIR: &str = "jobs";
@@ -36,10 +39,10 @@ pub const JOB_FILE: &str = "job.toml";
 pub const LANDING_DIR: &str = "landing";
 /// A job's replica directory.
 pub const REPLICAS_DIR: &str = "replicas";
-/// A job's applied-seq file.
-pub const APPLIED_FILE: &str = "applied";
-/// First line of the applied-seq file.
-const APPLIED_HEADER: &str = "cdp-applied v1";
+/// A job's history store directory.
+pub const HISTORY_DIR: &str = "history";
+/// Default interval between automatic checkpoints.
+pub const CHECKPOINT_INTERVAL_DEFAULT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a job could not be created, loaded or updated.
 #[derive(Debug, Error)]
@@ -58,6 +61,22 @@ pub enum JobError {
         /// The file.
         path: PathBuf,
         /// What is wrong.
+        message: String,
+    },
+    /// The history store could not be opened or read.
+    #[error("history store {path}: {message}")]
+    History {
+        /// Its directory.
+        path: PathBuf,
+        /// The error.
+        message: String,
+    },
+    /// Recovering an interrupted apply failed.
+    #[error("job {job}: recovering an interrupted apply: {message}")]
+    Recover {
+        /// The job.
+        job: JobId,
+        /// The error.
         message: String,
     },
     /// The landing journal could not be opened.
@@ -204,16 +223,22 @@ pub struct Job {
     pub landing: Arc<SharedJournal>,
     /// The replicas by disk id.
     pub replicas: BTreeMap<DiskId, Replica>,
+    /// Before-images, checkpoints and the applied seq.
+    pub history: Arc<History>,
     /// Held by the connection that lands records for the job.
     pub writer: Arc<tokio::sync::Mutex<()>>,
     /// Bumped when a new connection takes the job over; the old one stops when it sees it.
     pub session: watch::Sender<u64>,
     /// The landing journal's durable seq, published for the applier.
     pub landed: watch::Sender<Seq>,
-    /// Highest seq applied to the replicas (not necessarily durable in them yet).
+    /// Highest seq applied to the replicas, synced, and recorded in the history store.
     applied: AtomicU64,
-    /// Highest applied seq recorded in the applied file, replicas synced.
-    applied_durable: AtomicU64,
+    /// The replicas are a consistent image (no resync in progress): checkpoints may be made.
+    consistent: AtomicBool,
+    /// Agent timestamp of the newest checkpoint, for the automatic interval.
+    last_checkpoint_micros: AtomicU64,
+    /// Interval between automatic checkpoints, in microseconds of the agent's clock.
+    checkpoint_interval_micros: AtomicU64,
     link: Mutex<LinkStatus>,
     apply_error: Mutex<Option<String>>,
     /// Records refused for a bad checksum, framing or seq, over the job's life in this process.
@@ -222,6 +247,25 @@ pub struct Job {
     pub landed_bytes: AtomicU64,
     /// Set once the applier has been started for this job.
     pub applier_started: AtomicBool,
+    /// The connected stream's channel for checkpoint requests (`None` while disconnected).
+    checkpoint_requests: Mutex<Option<tokio::sync::mpsc::Sender<CheckpointRequest>>>,
+    next_request_id: AtomicU64,
+    /// What the last retention pass found (for metrics and the API).
+    retention: Mutex<Option<crate::retention::RetentionOutcome>>,
+}
+
+/// Why a checkpoint could not be asked for.
+#[derive(Debug, Error)]
+pub enum CheckpointRequestError {
+    /// No agent is connected to answer it.
+    #[error("the job's agent is not connected: a checkpoint is recorded by the agent, in its journal")]
+    NotConnected,
+    /// Too many requests are waiting.
+    #[error("too many checkpoint requests are waiting for the agent")]
+    Busy,
+    /// The replicas are being resynced: no checkpoint until that is done.
+    #[error("the replicas are inconsistent until the resync completes: no checkpoint can be made now")]
+    Inconsistent,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -279,34 +323,57 @@ impl Job {
                 },
             );
         }
-        let applied = read_applied(&dir.join(APPLIED_FILE))?;
+        let history_dir = dir.join(HISTORY_DIR);
+        let history_error = |e: crate::history::HistoryError| JobError::History {
+            path: history_dir.clone(),
+            message: e.to_string(),
+        };
+        let history = History::open(&history_dir).map_err(history_error)?;
+        let applied = history.applied().map_err(history_error)?;
+        let last_checkpoint = history
+            .checkpoint_at_or_before(Seq::MAX)
+            .map_err(history_error)?
+            .map_or(0, |c| c.timestamp.0);
         let landed = journal.durable_seq();
         // The landing journal is trimmed only below the applied seq recorded, so it holds
         // everything after it; a recorded seq beyond what landed means the files were mixed.
         if applied > landed {
-            return Err(JobError::Parse {
-                path: dir.join(APPLIED_FILE),
+            return Err(JobError::History {
+                path: history_dir,
                 message: format!("applied seq {applied} is beyond the landing journal's durable seq {landed}"),
             });
         }
         let (landed_tx, _) = watch::channel(landed);
         let (session, _) = watch::channel(0);
-        Ok(Job {
+        let job = Job {
             dir,
             meta,
             landing: Arc::new(journal.into_shared()),
             replicas,
+            history: Arc::new(history),
             writer: Arc::new(tokio::sync::Mutex::new(())),
             session,
             landed: landed_tx,
             applied: AtomicU64::new(applied.0),
-            applied_durable: AtomicU64::new(applied.0),
+            consistent: AtomicBool::new(true),
+            last_checkpoint_micros: AtomicU64::new(last_checkpoint),
+            checkpoint_interval_micros: AtomicU64::new(CHECKPOINT_INTERVAL_DEFAULT.as_micros() as u64),
             link: Mutex::new(LinkStatus::default()),
             apply_error: Mutex::new(None),
             corrupt_records: AtomicU64::new(0),
             landed_bytes: AtomicU64::new(0),
             applier_started: AtomicBool::new(false),
-        })
+            checkpoint_requests: Mutex::new(None),
+            next_request_id: AtomicU64::new(1),
+            retention: Mutex::new(None),
+        };
+        if let Some(pending) = crate::apply::recover(&job).map_err(|e| JobError::Recover {
+            job: job.id(),
+            message: e.to_string(),
+        })? {
+            tracing::info!(job = %job.id(), first = %pending.first, last = %pending.last, "rolled back; the batch is applied again");
+        }
+        Ok(job)
     }
 
     /// The job's id.
@@ -324,24 +391,84 @@ impl Job {
         Seq(self.applied.load(Ordering::Acquire))
     }
 
-    /// Highest applied seq recorded durably.
-    pub fn applied_durable(&self) -> Seq {
-        Seq(self.applied_durable.load(Ordering::Acquire))
-    }
-
-    /// The replicas hold every record up to `seq` (in the page cache at least).
+    /// The replicas hold every record up to `seq`, synced, and the history store says so.
     pub fn set_applied(&self, seq: Seq) {
         let before = self.applied.swap(seq.0, Ordering::AcqRel);
         assert!(seq.0 >= before, "applied seq went back from {before} to {seq}");
     }
 
-    /// Records `seq` as applied in the applied file; the caller synced the replicas first.
-    pub fn record_applied(&self, seq: Seq) -> Result<(), JobError> {
-        let path = self.dir.join(APPLIED_FILE);
-        let text = format!("{APPLIED_HEADER}\n{}\n", seq.0);
-        write_replacing(&path, text.as_bytes(), MODE_PUBLIC_FILE).map_err(io_error(&path))?;
-        self.applied_durable.store(seq.0, Ordering::Release);
-        Ok(())
+    /// Whether the replicas are a consistent image (checkpoints may be made).
+    pub fn consistent(&self) -> bool {
+        self.consistent.load(Ordering::Acquire)
+    }
+
+    /// Marks the replicas consistent or not (a resync makes them inconsistent until done).
+    pub fn set_consistent(&self, consistent: bool) {
+        self.consistent.store(consistent, Ordering::Release);
+    }
+
+    /// Sets the interval between automatic checkpoints.
+    pub fn set_checkpoint_interval(&self, interval: std::time::Duration) {
+        self.checkpoint_interval_micros
+            .store(interval.as_micros().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+    }
+
+    /// The automatic checkpoint a pass ending at `seq` (agent time `timestamp`) makes, if
+    /// one is due.
+    pub fn auto_checkpoint_due(&self, seq: Seq, timestamp: journal::Timestamp) -> Option<Checkpoint> {
+        let last = self.last_checkpoint_micros.load(Ordering::Relaxed);
+        let interval = self.checkpoint_interval_micros.load(Ordering::Relaxed);
+        (timestamp.0 >= last.saturating_add(interval)).then_some(Checkpoint {
+            seq,
+            timestamp,
+            kind: CheckpointKind::Auto,
+            app_consistent: false,
+            tags: Vec::new(),
+            request_id: 0,
+        })
+    }
+
+    /// The connected stream takes checkpoint requests through `sender` (`None`: it ended).
+    pub fn set_checkpoint_channel(&self, sender: Option<tokio::sync::mpsc::Sender<CheckpointRequest>>) {
+        *lock(&self.checkpoint_requests) = sender;
+    }
+
+    /// Asks the agent for a checkpoint; returns the request id its record will carry.
+    pub fn request_checkpoint(&self, tags: Vec<String>, app_consistent: bool) -> Result<u64, CheckpointRequestError> {
+        if !self.consistent() {
+            return Err(CheckpointRequestError::Inconsistent);
+        }
+        let sender = lock(&self.checkpoint_requests).clone().ok_or(CheckpointRequestError::NotConnected)?;
+        // Ids only need to be unique among requests in flight; the process start time keeps
+        // them apart from those of an earlier run still in the landing journal.
+        let request_id = (std::process::id() as u64) << 40 | self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        sender
+            .try_send(CheckpointRequest {
+                request_id,
+                app_consistent,
+                tags,
+            })
+            .map_err(|e| match e {
+                tokio::sync::mpsc::error::TrySendError::Full(_) => CheckpointRequestError::Busy,
+                tokio::sync::mpsc::error::TrySendError::Closed(_) => CheckpointRequestError::NotConnected,
+            })?;
+        Ok(request_id)
+    }
+
+    /// What the last retention pass found.
+    pub fn retention(&self) -> Option<crate::retention::RetentionOutcome> {
+        lock(&self.retention).clone()
+    }
+
+    /// Records what a retention pass found.
+    pub fn set_retention(&self, outcome: crate::retention::RetentionOutcome) {
+        *lock(&self.retention) = Some(outcome);
+    }
+
+    /// A checkpoint joined the catalog.
+    pub fn note_checkpoint(&self, checkpoint: &Checkpoint) {
+        self.last_checkpoint_micros
+            .fetch_max(checkpoint.timestamp.0, Ordering::Relaxed);
     }
 
     /// The link status.
@@ -377,23 +504,6 @@ fn replica_path(dir: &Path, name: &str) -> Result<PathBuf, JobError> {
         return Err(JobError::DiskName(name.to_owned()));
     }
     Ok(dir.join(REPLICAS_DIR).join(format!("{name}.img")))
-}
-
-fn read_applied(path: &Path) -> Result<Seq, JobError> {
-    let text = match fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Seq::NONE),
-        Err(e) => return Err(io_error(path)(e)),
-    };
-    let mut lines = text.lines();
-    let parsed = match (lines.next(), lines.next(), lines.next()) {
-        (Some(APPLIED_HEADER), Some(seq), None) => seq.parse::<u64>().ok(),
-        _ => None,
-    };
-    parsed.map(Seq).ok_or_else(|| JobError::Parse {
-        path: path.to_owned(),
-        message: format!("expected `{APPLIED_HEADER}` and a seq"),
-    })
 }
 
 /// Every job of the appliance.
@@ -510,31 +620,14 @@ mod tests {
         assert_eq!(job.replicas.len(), 2);
         assert_eq!(blockdev::BlockDevice::size_bytes(&*job.replicas[&DiskId(3)].device), 3 << 20);
         assert_eq!(job.applied(), Seq::NONE);
-        job.record_applied(Seq::NONE).unwrap();
         drop(job);
         drop(jobs);
         let jobs = Jobs::load(dir.path()).unwrap();
         let job = jobs.get(JobId([7; 16])).unwrap();
         assert_eq!(job.meta(), &meta());
-        assert_eq!(job.applied_durable(), Seq::NONE);
+        assert_eq!(job.applied(), Seq::NONE);
         let text = fs::read_to_string(job.dir.join(JOB_FILE)).unwrap();
         assert!(text.contains("agent = \"host-1\""), "{text}");
-    }
-
-    #[test]
-    fn bad_files_are_named_in_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let jobs = Jobs::load(dir.path()).unwrap();
-        let job = jobs.get_or_create(meta()).unwrap();
-        let applied = job.dir.join(APPLIED_FILE);
-        drop(job);
-        drop(jobs);
-        fs::write(&applied, "cdp-applied v1\nlots\n").unwrap();
-        let err = Jobs::load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("applied") && err.contains("expected `cdp-applied v1`"), "{err}");
-        fs::write(&applied, "cdp-applied v1\n5\n").unwrap();
-        let err = Jobs::load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("beyond the landing journal's durable seq 0"), "{err}");
     }
 
     #[test]

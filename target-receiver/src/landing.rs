@@ -25,6 +25,8 @@ use crate::jobs::{Job, JobError, JobMeta, Jobs};
 
 /// How long an agent has to send its hello after opening a stream.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Checkpoint requests waiting for the stream to send them, at most.
+pub const CHECKPOINT_REQUESTS_MAX: usize = 16;
 /// How long a new connection waits for the one it takes a job over from to stop.
 pub const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -200,13 +202,16 @@ async fn serve_stream(
     lander.handle_job_known(info);
     let session = *job.session.borrow();
     let mut sessions = job.session.subscribe();
+    let (checkpoint_tx, mut checkpoint_rx) = tokio::sync::mpsc::channel(CHECKPOINT_REQUESTS_MAX);
+    job.set_checkpoint_channel(Some(checkpoint_tx));
     job.update_link(|l| {
         l.connected = true;
         l.last_error = None;
     });
     tracing::info!(job = %job.id(), name = %job.meta().info.job_name, %agent, landed = %job.landing.durable_seq(), "streaming");
 
-    let result = land(&job, &mut lander, &mut rx, &mut tx, &mut sessions, session, &mut stop).await;
+    let result = land(&job, &mut lander, &mut rx, &mut tx, &mut sessions, session, &mut stop, &mut checkpoint_rx).await;
+    job.set_checkpoint_channel(None);
     let corrupt = lander.corrupt_records_total();
     job.update_link(|l| {
         l.connected = false;
@@ -227,6 +232,7 @@ async fn land(
     sessions: &mut watch::Receiver<u64>,
     session: u64,
     stop: &mut watch::Receiver<bool>,
+    checkpoints: &mut tokio::sync::mpsc::Receiver<journal::wire::CheckpointRequest>,
 ) -> Result<(), LandingError> {
     let mut sync_task: Option<JoinHandle<Result<Seq, SyncError>>> = None;
     let mut corrupt_seen = 0;
@@ -267,6 +273,7 @@ async fn land(
                     sync_task = Some(spawn_sync(job));
                 }
             }
+            Some(request) = checkpoints.recv() => lander.request_checkpoint(request),
             frame = rx.recv() => match frame? {
                 None => {
                     tx.finish();

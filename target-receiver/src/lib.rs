@@ -3,8 +3,10 @@
 //!
 //! Map: [`cli`] (what to run, `init`, `pair`), [`appliance`] (assembly, listeners, shutdown),
 //! [`landing`] (a replication stream: the driver of `journal::ship::Lander`), [`jobs`] (a
-//! job's files: description, landing journal, replicas, applied seq), [`apply`] (landing
-//! journal → replicas, in seq order), [`status`] (API statuses and metrics).
+//! job's files: description, landing journal, replicas, history), [`apply`] (landing
+//! journal → replicas, in seq order, before-images first), [`history`] (before-images and
+//! checkpoints in RocksDB: the only module that imports it), [`status`] (API statuses and
+//! metrics).
 //!
 //! Must never: acknowledge a seq its landing journal has not made durable, apply a record
 //! that was not verified, apply seqs out of order, or accept anything from a peer that is not
@@ -16,8 +18,12 @@
 pub mod appliance;
 pub mod apply;
 pub mod cli;
+pub mod control;
+pub mod history;
 pub mod jobs;
 pub mod landing;
+pub mod retention;
 pub mod status;
+pub mod views;
 
 pub use appliance::{run, Appliance, ApplianceConfig, ApplianceError, Listening};

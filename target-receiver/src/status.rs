@@ -42,6 +42,8 @@ pub fn job_status(job: &Job) -> JobStatus {
     let landed = job.landing.durable_seq();
     let applied = job.applied();
     let heartbeat = link.heartbeat.as_ref();
+    let retention = job.retention();
+    let oldest = retention.as_ref().and_then(|r| r.oldest.as_ref());
     JobStatus {
         id: meta.info.job.to_string(),
         name: meta.info.job_name.clone(),
@@ -59,6 +61,10 @@ pub fn job_status(job: &Job) -> JobStatus {
         applied_seq: applied.0,
         apply_lag_records: landed.0.saturating_sub(applied.0),
         last_heartbeat_age_seconds: heartbeat.map(|(_, at)| at.elapsed().as_secs_f64()),
+        history_oldest_seq: oldest.map(|c| c.seq.0),
+        history_oldest_time: oldest.map(|c| crate::control::format_time(c.timestamp.0)),
+        checkpoints: retention.as_ref().map_or(0, |r| r.checkpoints as u64),
+        consistent: job.consistent(),
         disks: job
             .replicas
             .values()
@@ -115,6 +121,11 @@ pub struct ApplianceMetrics {
     corrupt_records: Family<JobLabel, Counter>,
     job_state: Family<JobStateLabel, Gauge>,
     connected: Family<JobLabel, Gauge>,
+    history_oldest_seconds: Family<JobLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    history_bytes: Family<JobLabel, Gauge>,
+    checkpoints: Family<JobLabel, Gauge>,
+    history_over_bound: Family<JobLabel, Gauge>,
+    consistent: Family<JobLabel, Gauge>,
 }
 
 impl Default for ApplianceMetrics {
@@ -137,6 +148,11 @@ impl ApplianceMetrics {
             corrupt_records: Family::default(),
             job_state: Family::default(),
             connected: Family::default(),
+            history_oldest_seconds: Family::default(),
+            history_bytes: Family::default(),
+            checkpoints: Family::default(),
+            history_over_bound: Family::default(),
+            consistent: Family::default(),
         };
         let r = &mut m.registry;
         r.register("cdp_landing_durable_seq", "Last seq durable in the job's landing journal", m.landing_durable_seq.clone());
@@ -160,6 +176,23 @@ impl ApplianceMetrics {
         );
         r.register("cdp_job_state", "1 for the job's current state, 0 for the others", m.job_state.clone());
         r.register("cdp_job_connected", "1 while the job's agent is connected", m.connected.clone());
+        r.register(
+            "cdp_history_oldest_seconds",
+            "Age of the oldest recoverable checkpoint (appliance clock minus the agent's timestamp)",
+            m.history_oldest_seconds.clone(),
+        );
+        r.register("cdp_history_bytes", "Bytes of the job's history store (RocksDB estimate)", m.history_bytes.clone());
+        r.register("cdp_checkpoints", "Checkpoints in the job's catalog", m.checkpoints.clone());
+        r.register(
+            "cdp_history_over_bound",
+            "1 while the job's history is larger than --history-bytes-max (nothing is removed for it)",
+            m.history_over_bound.clone(),
+        );
+        r.register(
+            "cdp_replica_consistent",
+            "1 while the job's replicas are a consistent image (0 during a resync: no recovery point)",
+            m.consistent.clone(),
+        );
         m
     }
 
@@ -191,6 +224,18 @@ impl ApplianceMetrics {
                 self.job_state.get_or_create(&label).set(i64::from(status.state == state));
             }
             self.connected.get_or_create(&label).set(i64::from(status.connected));
+            self.consistent.get_or_create(&label).set(i64::from(status.consistent));
+            if let Some(r) = job.retention() {
+                if let Some(oldest) = &r.oldest {
+                    let age = crate::control::now_micros().saturating_sub(oldest.timestamp.0) as f64 / 1e6;
+                    self.history_oldest_seconds.get_or_create(&label).set(age);
+                }
+                self.history_bytes
+                    .get_or_create(&label)
+                    .set(i64::try_from(r.history_bytes).unwrap_or(i64::MAX));
+                self.checkpoints.get_or_create(&label).set(r.checkpoints as i64);
+                self.history_over_bound.get_or_create(&label).set(i64::from(r.over_bound));
+            }
         }
         let mut text = String::new();
         // Encoding into a String cannot fail: fmt::Write for String never errors.

@@ -1,6 +1,7 @@
 //! The `cdp-agent` process under test: started with a temporary data directory and sparse
 //! backing files, awaited until it prints `ready`, stopped with SIGTERM, and replayed so a
-//! scenario can check that the journal rebuilds exactly the backing file.
+//! scenario can check that the journal rebuilds exactly the backing file. It can be paired
+//! with an [`Appliance`] and ship its journal there (`--target`, `--mode`).
 //!
 //! Must never: leave the agent running after the test (Drop kills it by pid), wait for it
 //! without a deadline, or signal any process other than the one it started.
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use tempfile::TempDir;
 
+use crate::appliance::Appliance;
 use crate::cmd::{signal, wait_deadline, Tool};
 use crate::image::{blake3_file, compare_files, create_sparse};
 use crate::metrics::{scrape, Metrics};
@@ -83,9 +85,14 @@ pub fn temp_dir(prefix: &str) -> Result<TempDir> {
 enum Initial {
     /// A sparse file of this many bytes.
     Zeroed(u64),
+    /// A sparse file of this many bytes at this path (outside the agent's directory).
+    ZeroedAt(PathBuf, u64),
     /// A copy of this image, also given to `replay --base`.
     Image(PathBuf),
 }
+
+/// Longest a `cdp-agent pair` may take.
+pub const PAIR_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What to start: disks and listeners. Defaults to one Unix socket and a metrics listener.
 #[derive(Debug, Clone)]
@@ -94,6 +101,20 @@ pub struct AgentBuilder {
     unix_sockets: usize,
     tcp_listeners: Vec<String>,
     metrics: bool,
+    /// The data directory of the appliance to pair with before the first start.
+    pair_with: Option<PathBuf>,
+    /// The name the agent pairs under (`cdp-agent pair --name`).
+    agent_name: String,
+    /// After pairing, the agent's identity is replaced by a copy of this directory.
+    identity_from: Option<PathBuf>,
+    /// `--target`.
+    target: Option<SocketAddr>,
+    /// `--mode`.
+    mode: Option<String>,
+    /// `--job-name`.
+    job_name: Option<String>,
+    /// Extra environment of every start.
+    env: Vec<(String, String)>,
 }
 
 impl Default for AgentBuilder {
@@ -103,6 +124,13 @@ impl Default for AgentBuilder {
             unix_sockets: 1,
             tcp_listeners: Vec::new(),
             metrics: true,
+            pair_with: None,
+            agent_name: "test-agent".to_owned(),
+            identity_from: None,
+            target: None,
+            mode: None,
+            job_name: None,
+            env: Vec::new(),
         }
     }
 }
@@ -112,6 +140,16 @@ impl AgentBuilder {
     pub fn disk(mut self, name: &str, size_bytes: u64) -> Self {
         self.disks
             .push((name.to_owned(), Initial::Zeroed(size_bytes)));
+        self
+    }
+
+    /// Adds a disk `name` backed by a sparse file of `size_bytes` created at `backing` (for
+    /// example on a small file system, to make the backing disk fail).
+    pub fn disk_at(mut self, name: &str, backing: &Path, size_bytes: u64) -> Self {
+        self.disks.push((
+            name.to_owned(),
+            Initial::ZeroedAt(backing.to_owned(), size_bytes),
+        ));
         self
     }
 
@@ -138,6 +176,56 @@ impl AgentBuilder {
     /// Whether to start the metrics listener (default yes).
     pub fn metrics(mut self, on: bool) -> Self {
         self.metrics = on;
+        self
+    }
+
+    /// Pairs with `appliance` (a bundle from `cdp-receiver pair`, then `cdp-agent pair`)
+    /// before the first start, and ships the journal to it (`--target`).
+    pub fn replicate_to(self, appliance: &Appliance) -> Self {
+        self.pair_with(appliance).target(appliance.quic_addr())
+    }
+
+    /// Pairs with `appliance` before the first start, without choosing a `--target`.
+    pub fn pair_with(mut self, appliance: &Appliance) -> Self {
+        self.pair_with = Some(appliance.data_dir().to_owned());
+        self
+    }
+
+    /// The name the agent pairs under (default `test-agent`).
+    pub fn agent_name(mut self, name: &str) -> Self {
+        self.agent_name = name.to_owned();
+        self
+    }
+
+    /// After pairing, replaces the agent's identity (`DATA/identity`) with a copy of
+    /// `identity_dir` (another agent's): its pin of the appliance is right, but the appliance
+    /// never pinned its certificate.
+    pub fn identity_from(mut self, identity_dir: &Path) -> Self {
+        self.identity_from = Some(identity_dir.to_owned());
+        self
+    }
+
+    /// Ships the journal to `addr` (`--target`), paired or not.
+    pub fn target(mut self, addr: SocketAddr) -> Self {
+        self.target = Some(addr);
+        self
+    }
+
+    /// Replication mode (`--mode async|sync`).
+    pub fn mode(mut self, mode: &str) -> Self {
+        self.mode = Some(mode.to_owned());
+        self
+    }
+
+    /// The job's name (`--job-name`).
+    pub fn job_name(mut self, name: &str) -> Self {
+        self.job_name = Some(name.to_owned());
+        self
+    }
+
+    /// Sets `key=value` in the agent's environment at every start.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
         self
     }
 
@@ -187,6 +275,8 @@ pub struct Agent {
     program: PathBuf,
     /// Arguments of `cdp-agent`, the same for every (re)start.
     args: Vec<OsString>,
+    /// Extra environment, the same for every (re)start.
+    env: Vec<(String, String)>,
     expected: Expected,
     /// How many times the process was spawned.
     starts: u32,
@@ -225,9 +315,14 @@ impl Agent {
         std::fs::create_dir(&data_dir)?;
         let mut disks = Vec::new();
         for (name, initial) in &b.disks {
-            let backing = dir.path().join(format!("{name}.img"));
+            let mut backing = dir.path().join(format!("{name}.img"));
             let (size_bytes, base) = match initial {
                 Initial::Zeroed(size) => {
+                    create_sparse(&backing, *size)?;
+                    (*size, None)
+                }
+                Initial::ZeroedAt(path, size) => {
+                    backing.clone_from(path);
                     create_sparse(&backing, *size)?;
                     (*size, None)
                 }
@@ -270,11 +365,33 @@ impl Agent {
         if b.metrics {
             args.extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
         }
+        if let Some(target) = b.target {
+            args.extend(["--target".into(), target.to_string().into()]);
+        }
+        if let Some(mode) = &b.mode {
+            args.extend(["--mode".into(), mode.into()]);
+        }
+        if let Some(name) = &b.job_name {
+            args.extend(["--job-name".into(), name.into()]);
+        }
+        if let Some(appliance_dir) = &b.pair_with {
+            pair(
+                &program,
+                appliance_dir,
+                dir.path(),
+                &data_dir,
+                &b.agent_name,
+            )?;
+        }
+        if let Some(identity) = &b.identity_from {
+            replace_identity(&data_dir.join("identity"), identity)?;
+        }
         let log = dir.path().join("agent.log");
         let mut agent = Agent {
             child: None,
             program,
             args,
+            env: b.env,
             expected: Expected {
                 nbd_unix: sockets,
                 nbd_tcp: b.tcp_listeners.len(),
@@ -304,6 +421,9 @@ impl Agent {
         self.starts += 1;
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args);
+        for (key, value) in &self.env {
+            cmd.env(key, value);
+        }
         let command_line = format!("{cmd:?}");
         // Appends, so the log of a run before a crash stays readable.
         let log_file = OpenOptions::new()
@@ -508,6 +628,27 @@ impl Agent {
         scrape(addr)
     }
 
+    /// The job id (32 hex digits), from the `job` label of `cdp_journal_head_seq`.
+    pub fn job_id(&self) -> Result<String> {
+        let m = self.metrics()?;
+        let sample = m
+            .samples
+            .iter()
+            .find(|s| s.name == "cdp_journal_head_seq")
+            .with_context(|| format!("no cdp_journal_head_seq in /metrics:\n{}", m.text))?;
+        sample
+            .labels
+            .get("job")
+            .cloned()
+            .with_context(|| format!("cdp_journal_head_seq has no job label:\n{}", m.text))
+    }
+
+    /// The whole log (stderr) of every run so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log.display()))
+    }
+
     /// Lines the agent printed on stdout so far.
     pub fn stdout_lines(&self) -> Vec<String> {
         self.stdout.lock().map(|l| l.clone()).unwrap_or_default()
@@ -660,6 +801,63 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Pairs the agent data directory `data_dir` with the appliance in `appliance_dir`: a bundle
+/// from `cdp-receiver pair` written to `work_dir/bundle`, then `cdp-agent pair`.
+fn pair(
+    agent_program: &Path,
+    appliance_dir: &Path,
+    work_dir: &Path,
+    data_dir: &Path,
+    name: &str,
+) -> Result<()> {
+    let bundle = Tool::new(binary("cdp-receiver")?)
+        .arg("pair")
+        .arg("--data-dir")
+        .arg(appliance_dir)
+        .args(["--expires", "10m"])
+        .timeout(PAIR_TIMEOUT)
+        .run_ok()
+        .context("making a pairing bundle")?;
+    let bundle_path = work_dir.join("bundle");
+    std::fs::write(&bundle_path, &bundle.stdout)
+        .with_context(|| format!("writing {}", bundle_path.display()))?;
+    Tool::new(agent_program)
+        .arg("pair")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--bundle")
+        .arg(&bundle_path)
+        .args(["--name", name])
+        .timeout(PAIR_TIMEOUT)
+        .run_ok()
+        .context("pairing the agent")?;
+    Ok(())
+}
+
+/// Replaces the identity directory `target` by a copy of `source` (same file modes: the
+/// key must stay private or the agent refuses it).
+fn replace_identity(target: &Path, source: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::remove_dir_all(target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", target.display())),
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(target)
+        .with_context(|| format!("creating {}", target.display()))?;
+    for entry in
+        std::fs::read_dir(source).with_context(|| format!("listing {}", source.display()))?
+    {
+        let entry = entry?;
+        let to = target.join(entry.file_name());
+        std::fs::copy(entry.path(), &to)
+            .with_context(|| format!("copying {} to {}", entry.path().display(), to.display()))?;
+    }
+    Ok(())
 }
 
 /// `nbd+unix:///NAME?socket=PATH`

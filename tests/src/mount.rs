@@ -236,7 +236,7 @@ impl Drop for LoopDevice {
     }
 }
 
-/// A file system mounted with `mount DEVICE DIR`.
+/// A file system mounted with `mount DEVICE DIR` (or a tmpfs).
 #[derive(Debug)]
 pub struct Mounted {
     dir: PathBuf,
@@ -252,6 +252,24 @@ impl Mounted {
             tool = tool.arg("-o").arg(o);
         }
         tool.arg(device).arg(dir).run_ok()?;
+        Ok(Mounted {
+            dir: dir.to_owned(),
+            mounted: true,
+        })
+    }
+
+    /// Mounts a tmpfs of at most `size_bytes` on `dir` (creating `dir`): a small file system
+    /// that fills up, so writes to a sparse file on it fail with ENOSPC.
+    pub fn tmpfs(dir: &Path, size_bytes: u64) -> Result<Mounted> {
+        std::fs::create_dir_all(dir)?;
+        Tool::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size_bytes}"))
+            .arg("tmpfs")
+            .arg(dir)
+            .timeout(Duration::from_secs(60))
+            .run_ok()
+            .context("mounting a tmpfs (this test needs root; it never skips)")?;
         Ok(Mounted {
             dir: dir.to_owned(),
             mounted: true,

@@ -42,7 +42,7 @@ fn fua_write_without_flush_survives_kill_9() -> Result<()> {
         (0, 4 * KIB),
         (MIB + 512, 512),
         (5 * MIB, 64 * KIB),
-        (9 * MIB - 1536, 1 * MIB),
+        (9 * MIB - 1536, MIB),
     ] {
         let data = random(&mut rng, len);
         conn.write(offset, &data, true)?;
@@ -104,6 +104,8 @@ fn out_of_range_and_unknown_requests_get_errors_and_change_nothing() -> Result<(
     let backing = agent.disk("d0")?.backing.clone();
     let before = blake3_file(&backing)?;
 
+    // One row per case: name, command, flags, offset, length, payload, accepted errors.
+    #[allow(clippy::type_complexity)]
     let cases: [(&str, u16, u16, u64, u32, Vec<u8>, &[u32]); 6] = [
         (
             "write past the end",

@@ -1,6 +1,7 @@
 //! The `cdp` command line: its arguments (clap), where to find the appliance and its token,
-//! and `cdp status`. `cdp demo` lives in [`crate::demo`]; `src/bin/cdp.rs` only wires these
-//! together.
+//! and the commands that talk to the API: `cdp status`, `cdp checkpoint`, `cdp checkpoints`
+//! and `cdp view create|list|delete`. `cdp demo` lives in [`crate::demo`]; `src/bin/cdp.rs`
+//! only wires these together.
 //!
 //! Must never take a token on the command line (other users see it in `ps`), and never read
 //! the process environment directly: the caller passes a lookup, so tests choose it.
@@ -12,8 +13,11 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::api::JobStatus;
-use crate::client::{ApiClient, ClientError};
+use crate::api::{
+    CheckpointList, CheckpointStatus, CreateCheckpoint, CreateView, JobList, JobStatus, ViewList,
+    ViewStatus,
+};
+use crate::client::{checkpoints_path, ApiClient, ClientError};
 use crate::format;
 use crate::token::{ApiToken, ParseTokenError, TokenFileError, TOKEN_FILE_NAME};
 
@@ -40,8 +44,10 @@ pub const ENV_APPLIANCE_DIR: &str = "CDP_APPLIANCE_DIR";
 #[command(
     name = "cdp",
     version,
-    about = "The command-line client of a cdp appliance: job status, and a demo on loopback",
-    after_help = "Exit codes: 0 ok, 1 refused (bad token, no such job), 2 error."
+    about = "The command-line client of a cdp appliance: job status, checkpoints, recovery \
+             views, and a demo on loopback",
+    after_help = "Exit codes: 0 ok, 1 refused (bad token, no such job, a point that has \
+                  expired), 2 error."
 )]
 pub struct Cli {
     /// Where the appliance's API is and how to authenticate to it.
@@ -74,6 +80,14 @@ pub struct ApiArgs {
 pub enum Command {
     /// Show the replication jobs (all of them as a table, or one in detail).
     Status(StatusArgs),
+    /// Ask a job's agent for a tagged checkpoint; waits until it is in the history.
+    Checkpoint(CheckpointArgs),
+    /// List the checkpoints a job's history keeps, oldest first.
+    Checkpoints(CheckpointsArgs),
+    /// Recovery views: a job's disks as they were at a point of its history, served over
+    /// NBD.
+    #[command(subcommand)]
+    View(ViewCommand),
     /// Start an appliance and an agent on loopback with a sample disk, and guide a first
     /// replication (runs until Ctrl-C).
     Demo(DemoArgs),
@@ -87,6 +101,79 @@ pub struct StatusArgs {
     pub json: bool,
     /// One job, by name or by id (or a unique prefix of its id).
     pub job: Option<String>,
+}
+
+/// `cdp checkpoint JOB --tag TAG [--tag TAG ...] [--app-consistent] [--json]`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckpointArgs {
+    /// The job: its name, its id, or a unique prefix of its id.
+    pub job: String,
+    /// A tag for the checkpoint; repeat for several. `cdp view create JOB --at tag:TAG`
+    /// finds the newest checkpoint with it.
+    #[arg(long = "tag", value_name = "TAG", required = true)]
+    pub tags: Vec<String>,
+    /// Have the agent run its consistency hook first (quiesce the application). If the hook
+    /// fails, or the agent has none, the checkpoint is made crash-consistent and says so.
+    #[arg(long)]
+    pub app_consistent: bool,
+    /// Print the API's JSON instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cdp checkpoints [--json] JOB`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckpointsArgs {
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// The job: its name, its id, or a unique prefix of its id.
+    pub job: String,
+}
+
+/// `cdp view ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ViewCommand {
+    /// Open a view of a job at a point of its history and show how to reach its disks.
+    Create(ViewCreateArgs),
+    /// List the open views.
+    List(ViewListArgs),
+    /// Close a view; writes made to a writable view are dropped.
+    Delete(ViewDeleteArgs),
+}
+
+/// `cdp view create JOB --at POINT [--writable] [--json]`.
+#[derive(Debug, Clone, Args)]
+pub struct ViewCreateArgs {
+    /// The job: its name, its id, or a unique prefix of its id.
+    pub job: String,
+    /// The point: latest, seq:N, checkpoint:SEQ, tag:TAG (the newest checkpoint with it),
+    /// an RFC 3339 time such as 2025-06-01T12:00:00Z or @UNIX_SECONDS (the newest
+    /// checkpoint at or before it).
+    #[arg(long, value_name = "POINT")]
+    pub at: String,
+    /// Let NBD clients write (to a scratch layer dropped with the view), e.g. to boot a
+    /// copy; the replica and the history never change.
+    #[arg(long)]
+    pub writable: bool,
+    /// Print the API's JSON instead of the guide.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cdp view list [--json]`.
+#[derive(Debug, Clone, Args)]
+pub struct ViewListArgs {
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cdp view delete ID`.
+#[derive(Debug, Clone, Args)]
+pub struct ViewDeleteArgs {
+    /// The view's id (`cdp view list`).
+    pub id: u64,
 }
 
 /// `cdp demo [--dir DIR]`.
@@ -156,22 +243,22 @@ pub enum ConfigError {
     },
 }
 
-/// Why `cdp status` did not show what was asked.
+/// Why a `cdp` command that talks to the API did not do what was asked.
 #[derive(Debug, thiserror::Error)]
-pub enum StatusError {
+pub enum CommandError {
     /// No API endpoint could be worked out.
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The API did not answer as asked.
     #[error(transparent)]
     Client(#[from] ClientError),
-    /// No job has that name, id or id prefix.
+    /// No job has that name, id or id prefix (`cdp status JOB`).
     #[error("no job is named {query:?} or has an id starting with it")]
     NoSuchJob {
         /// What was asked for.
         query: String,
     },
-    /// More than one job matches.
+    /// More than one job matches (`cdp status JOB`).
     #[error("{query:?} matches {} jobs ({}); give more of the id", .matches.len(), .matches.join(", "))]
     Ambiguous {
         /// What was asked for.
@@ -184,7 +271,7 @@ pub enum StatusError {
     Output(#[source] io::Error),
 }
 
-impl StatusError {
+impl CommandError {
     /// The process exit code for this error: [`EXIT_REFUSED`] when the appliance or the
     /// query said no, [`EXIT_ERROR`] otherwise.
     pub fn exit_code(&self) -> u8 {
@@ -260,6 +347,27 @@ pub fn read_api_addr(dir: &Path) -> Result<SocketAddr, ConfigError> {
         .map_err(|_| ConfigError::AddrMalformed { path })
 }
 
+/// The client for the endpoint that `api` and the environment give.
+fn connect(
+    api: &ApiArgs,
+    env: &dyn Fn(&str) -> Option<OsString>,
+) -> Result<ApiClient, CommandError> {
+    let endpoint = api.resolve(env)?;
+    Ok(ApiClient::new(&endpoint.url, endpoint.token).map_err(ConfigError::Url)?)
+}
+
+/// Writes a command's output and flushes it.
+fn write_out(out: &mut dyn Write, text: &str) -> Result<(), CommandError> {
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(CommandError::Output)
+}
+
+/// `value` decoded as `T`; `value` is JSON the appliance sent.
+fn decode<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T, CommandError> {
+    Ok(T::deserialize(value).map_err(|source| ClientError::Decode { source })?)
+}
+
 /// `cdp status`: resolves the endpoint, asks the API and writes the table, the detail or the
 /// JSON to `out`.
 pub async fn status(
@@ -267,21 +375,17 @@ pub async fn status(
     args: &StatusArgs,
     env: &dyn Fn(&str) -> Option<OsString>,
     out: &mut dyn Write,
-) -> Result<(), StatusError> {
-    let endpoint = api.resolve(env)?;
-    let client = ApiClient::new(&endpoint.url, endpoint.token).map_err(ConfigError::Url)?;
-    let text = status_text(&client, args).await?;
-    out.write_all(text.as_bytes())
-        .and_then(|()| out.flush())
-        .map_err(StatusError::Output)
+) -> Result<(), CommandError> {
+    let client = connect(api, env)?;
+    write_out(out, &status_text(&client, args).await?)
 }
 
 /// What `cdp status` prints, from the API behind `client`.
-pub async fn status_text(client: &ApiClient, args: &StatusArgs) -> Result<String, StatusError> {
-    // The raw JSON is kept so that `--json` passes on fields this cdp does not know.
+pub async fn status_text(client: &ApiClient, args: &StatusArgs) -> Result<String, CommandError> {
+    // The raw JSON is kept so that `--json` passes on fields this cdp does not know; so in
+    // every command below.
     let raw: serde_json::Value = client.get_json("/jobs").await?;
-    let list: crate::api::JobList =
-        serde_json::from_value(raw.clone()).map_err(|source| ClientError::Decode { source })?;
+    let list: JobList = decode(&raw)?;
     match &args.job {
         None if args.json => Ok(pretty(&raw)),
         None => Ok(format::jobs_table(&list.jobs)),
@@ -296,6 +400,113 @@ pub async fn status_text(client: &ApiClient, args: &StatusArgs) -> Result<String
     }
 }
 
+/// `cdp checkpoint`: asks for a checkpoint and writes what was made to `out`.
+pub async fn checkpoint(
+    api: &ApiArgs,
+    args: &CheckpointArgs,
+    env: &dyn Fn(&str) -> Option<OsString>,
+    out: &mut dyn Write,
+) -> Result<(), CommandError> {
+    let client = connect(api, env)?;
+    write_out(out, &checkpoint_text(&client, args).await?)
+}
+
+/// What `cdp checkpoint` prints, from the API behind `client`. The job is passed as given:
+/// the appliance resolves names, ids and id prefixes.
+pub async fn checkpoint_text(
+    client: &ApiClient,
+    args: &CheckpointArgs,
+) -> Result<String, CommandError> {
+    let request = CreateCheckpoint {
+        tags: args.tags.clone(),
+        app_consistent: args.app_consistent,
+    };
+    let raw: serde_json::Value = client
+        .post_json(
+            &checkpoints_path(&args.job)?,
+            &request,
+            client.checkpoint_timeout(),
+        )
+        .await?;
+    let made: CheckpointStatus = decode(&raw)?;
+    if args.json {
+        Ok(pretty(&raw))
+    } else {
+        Ok(format::checkpoint_made(&made))
+    }
+}
+
+/// `cdp checkpoints`: writes a job's checkpoints to `out`.
+pub async fn checkpoints(
+    api: &ApiArgs,
+    args: &CheckpointsArgs,
+    env: &dyn Fn(&str) -> Option<OsString>,
+    out: &mut dyn Write,
+) -> Result<(), CommandError> {
+    let client = connect(api, env)?;
+    write_out(out, &checkpoints_text(&client, args).await?)
+}
+
+/// What `cdp checkpoints` prints, from the API behind `client`.
+pub async fn checkpoints_text(
+    client: &ApiClient,
+    args: &CheckpointsArgs,
+) -> Result<String, CommandError> {
+    let raw: serde_json::Value = client.get_json(&checkpoints_path(&args.job)?).await?;
+    let list: CheckpointList = decode(&raw)?;
+    if args.json {
+        Ok(pretty(&raw))
+    } else {
+        Ok(format::checkpoints_table(&list.checkpoints))
+    }
+}
+
+/// `cdp view create|list|delete`: does it and writes the result to `out`.
+pub async fn view(
+    api: &ApiArgs,
+    command: &ViewCommand,
+    env: &dyn Fn(&str) -> Option<OsString>,
+    out: &mut dyn Write,
+) -> Result<(), CommandError> {
+    let client = connect(api, env)?;
+    write_out(out, &view_text(&client, command).await?)
+}
+
+/// What `cdp view ...` prints, from the API behind `client`.
+pub async fn view_text(client: &ApiClient, command: &ViewCommand) -> Result<String, CommandError> {
+    match command {
+        ViewCommand::Create(args) => {
+            let request = CreateView {
+                job: args.job.clone(),
+                at: args.at.clone(),
+                writable: args.writable,
+            };
+            let raw: serde_json::Value = client
+                .post_json("/views", &request, client.request_timeout())
+                .await?;
+            let view: ViewStatus = decode(&raw)?;
+            if args.json {
+                Ok(pretty(&raw))
+            } else {
+                Ok(format::view_created(&view))
+            }
+        }
+        ViewCommand::List(args) => {
+            let raw: serde_json::Value = client.get_json("/views").await?;
+            let list: ViewList = decode(&raw)?;
+            if args.json {
+                Ok(pretty(&raw))
+            } else {
+                Ok(format::views_table(&list.views))
+            }
+        }
+        ViewCommand::Delete(args) => {
+            client.delete_view(args.id).await?;
+            Ok(format!("view {} deleted\n", args.id))
+        }
+    }
+}
+
 fn pretty(value: &serde_json::Value) -> String {
     // Serialising a `Value` cannot fail: its map keys are strings.
     let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
@@ -305,12 +516,12 @@ fn pretty(value: &serde_json::Value) -> String {
 
 /// The index of the one job `query` names: an exact name first, then an exact id, then a
 /// unique id prefix.
-pub fn select_job(jobs: &[JobStatus], query: &str) -> Result<usize, StatusError> {
-    let pick = |matches: Vec<usize>| -> Option<Result<usize, StatusError>> {
+pub fn select_job(jobs: &[JobStatus], query: &str) -> Result<usize, CommandError> {
+    let pick = |matches: Vec<usize>| -> Option<Result<usize, CommandError>> {
         match matches.as_slice() {
             [] => None,
             [one] => Some(Ok(*one)),
-            _ => Some(Err(StatusError::Ambiguous {
+            _ => Some(Err(CommandError::Ambiguous {
                 query: query.to_owned(),
                 matches: matches
                     .iter()
@@ -323,7 +534,7 @@ pub fn select_job(jobs: &[JobStatus], query: &str) -> Result<usize, StatusError>
         (0..jobs.len()).filter(|&i| matches(&jobs[i])).collect()
     };
     if query.is_empty() {
-        return Err(StatusError::NoSuchJob {
+        return Err(CommandError::NoSuchJob {
             query: query.to_owned(),
         });
     }
@@ -331,7 +542,7 @@ pub fn select_job(jobs: &[JobStatus], query: &str) -> Result<usize, StatusError>
         .or_else(|| pick(positions(&|job| job.id == query)))
         .or_else(|| pick(positions(&|job| job.id.starts_with(query))))
         .unwrap_or_else(|| {
-            Err(StatusError::NoSuchJob {
+            Err(CommandError::NoSuchJob {
                 query: query.to_owned(),
             })
         })
@@ -340,8 +551,11 @@ pub fn select_job(jobs: &[JobStatus], query: &str) -> Result<usize, StatusError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::tests::{two_jobs, FakeControl, ID_DB, ID_DEMO, TOKEN};
+    use crate::api::tests::{
+        demo_checkpoints, nightly_view, two_jobs, FakeControl, ID_DB, ID_DEMO, TOKEN,
+    };
     use crate::api::{router, serve};
+    use hyper::StatusCode;
     use std::collections::HashMap;
     use std::fs;
     use std::os::unix::fs::PermissionsExt;
@@ -375,9 +589,89 @@ mod tests {
             vec!["cdp", "status", "a", "b"],
             vec!["cdp", "frobnicate"],
             vec!["cdp", "status", "--token", "x"],
+            vec!["cdp", "checkpoint", "demo"],
+            vec!["cdp", "checkpoint", "--tag", "x"],
+            vec!["cdp", "checkpoints"],
+            vec!["cdp", "view"],
+            vec!["cdp", "view", "create", "demo"],
+            vec!["cdp", "view", "create", "--at", "latest"],
+            vec!["cdp", "view", "delete", "x"],
+            vec!["cdp", "view", "delete", "-1"],
+            vec!["cdp", "view", "delete"],
         ] {
             assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn checkpoint_and_view_arguments_parse() {
+        let cli = Cli::try_parse_from([
+            "cdp",
+            "checkpoint",
+            "demo",
+            "--tag",
+            "before upgrade",
+            "--app-consistent",
+            "--tag",
+            "v2",
+        ])
+        .unwrap();
+        let Command::Checkpoint(args) = cli.command else {
+            panic!("not checkpoint: {cli:?}");
+        };
+        assert_eq!(
+            (args.job.as_str(), args.tags, args.app_consistent, args.json),
+            (
+                "demo",
+                vec!["before upgrade".to_owned(), "v2".to_owned()],
+                true,
+                false
+            )
+        );
+
+        let cli = Cli::try_parse_from(["cdp", "checkpoints", "--json", "0123"]).unwrap();
+        let Command::Checkpoints(args) = cli.command else {
+            panic!("not checkpoints: {cli:?}");
+        };
+        assert_eq!((args.job.as_str(), args.json), ("0123", true));
+
+        // The API flags reach into nested subcommands too.
+        let cli = Cli::try_parse_from([
+            "cdp",
+            "view",
+            "create",
+            "db",
+            "--at",
+            "2025-06-01T12:00:00Z",
+            "--writable",
+            "--api",
+            "http://h:1",
+        ])
+        .unwrap();
+        assert_eq!(cli.api.api.as_deref(), Some("http://h:1"));
+        let Command::View(ViewCommand::Create(args)) = cli.command else {
+            panic!("not view create: {cli:?}");
+        };
+        assert_eq!(
+            (
+                args.job.as_str(),
+                args.at.as_str(),
+                args.writable,
+                args.json
+            ),
+            ("db", "2025-06-01T12:00:00Z", true, false)
+        );
+
+        let cli = Cli::try_parse_from(["cdp", "view", "list", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::View(ViewCommand::List(ViewListArgs { json: true }))
+        ));
+        let cli = Cli::try_parse_from(["cdp", "view", "delete", "7"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::View(ViewCommand::Delete(ViewDeleteArgs { id: 7 }))
+        ));
     }
 
     /// An appliance data directory as the running appliance leaves it.
@@ -558,7 +852,7 @@ mod tests {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = router(
             ApiToken::parse(TOKEN).unwrap(),
-            Arc::new(FakeControl(two_jobs())),
+            Arc::new(FakeControl::new(two_jobs())),
         );
         let server = tokio::spawn(serve(listener, app, async move {
             let _ = stopped.await;
@@ -641,5 +935,184 @@ mod tests {
             message.starts_with("cannot connect to the appliance api at 127.0.0.1:"),
             "{message}"
         );
+    }
+
+    /// Runs `cdp --appliance-dir DIR ARGS...` as the binary does (parse, then the command)
+    /// with an empty environment: what it prints, or its exit code and message.
+    async fn run(dir: &Path, args: &[&str]) -> Result<String, (u8, String)> {
+        let dir = dir.to_str().unwrap();
+        let argv = [["cdp", "--appliance-dir", dir].as_slice(), args].concat();
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let env = |_: &str| None;
+        let mut out = Vec::new();
+        let done = match &cli.command {
+            Command::Status(args) => status(&cli.api, args, &env, &mut out).await,
+            Command::Checkpoint(args) => checkpoint(&cli.api, args, &env, &mut out).await,
+            Command::Checkpoints(args) => checkpoints(&cli.api, args, &env, &mut out).await,
+            Command::View(command) => view(&cli.api, command, &env, &mut out).await,
+            Command::Demo(_) => panic!("the demo is tested in demo::tests"),
+        };
+        done.map(|()| String::from_utf8(out).unwrap())
+            .map_err(|err| (err.exit_code(), err.to_string()))
+    }
+
+    fn refused(status: &str, message: &str) -> Result<String, (u8, String)> {
+        Err((
+            EXIT_REFUSED,
+            format!("the appliance refused the request ({status}): {message}"),
+        ))
+    }
+
+    #[tokio::test]
+    async fn checkpoints_are_made_and_listed() {
+        let (dir, _server) = serve_fake().await;
+        let dir = dir.path();
+        assert_eq!(
+            run(dir, &["checkpoints", "demo"]).await.unwrap(),
+            format::checkpoints_table(&demo_checkpoints())
+        );
+        assert_eq!(
+            run(
+                dir,
+                &[
+                    "checkpoint",
+                    "demo",
+                    "--tag",
+                    "before-upgrade",
+                    "--tag",
+                    "v2",
+                    "--app-consistent"
+                ]
+            )
+            .await
+            .unwrap(),
+            "checkpoint seq 1241 at 2025-06-01T12:00:01.000000Z (tags before-upgrade v2, \
+             application-consistent)\n"
+        );
+        let json = run(dir, &["checkpoint", ID_DEMO, "--tag", "x", "--json"])
+            .await
+            .unwrap();
+        let made: CheckpointStatus = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            (made.seq, made.app_consistent, made.tags),
+            (1_242, false, vec!["x".to_owned()])
+        );
+        let json = run(dir, &["checkpoints", "--json", "demo"]).await.unwrap();
+        let list: CheckpointList = serde_json::from_str(&json).unwrap();
+        let seqs: Vec<u64> = list.checkpoints.iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, [1_000, 1_100, 1_241, 1_242]);
+        assert_eq!(
+            run(dir, &["checkpoints", "db"]).await.unwrap(),
+            "no checkpoints\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn checkpoint_refusals_exit_1() {
+        let (dir, _server) = serve_fake().await;
+        let dir = dir.path();
+        assert_eq!(
+            run(dir, &["checkpoint", "db", "--tag", "x"]).await,
+            refused("409 Conflict", "the agent is not connected")
+        );
+        let no_job = refused("404 Not Found", "no such job");
+        assert_eq!(run(dir, &["checkpoints", "nope"]).await, no_job);
+        // Sent as typed, percent-encoded: the appliance looks for this name, rather than
+        // the router seeing another path.
+        assert_eq!(run(dir, &["checkpoints", "../x/y z?"]).await, no_job);
+        assert_eq!(run(dir, &["checkpoints", ".."]).await, no_job);
+        assert_eq!(run(dir, &["checkpoints", ""]).await, no_job);
+    }
+
+    #[tokio::test]
+    async fn views_are_created_listed_and_deleted() {
+        let (dir, _server) = serve_fake().await;
+        let dir = dir.path();
+        assert_eq!(run(dir, &["view", "list"]).await.unwrap(), "no views\n");
+        assert_eq!(
+            run(dir, &["view", "create", "demo", "--at", "tag:nightly"])
+                .await
+                .unwrap(),
+            format::view_created(&nightly_view())
+        );
+        let json = run(
+            dir,
+            &[
+                "view",
+                "create",
+                "db",
+                "--at",
+                "latest",
+                "--writable",
+                "--json",
+            ],
+        )
+        .await
+        .unwrap();
+        let db: ViewStatus = serde_json::from_str(&json).unwrap();
+        assert_eq!((db.id, db.seq, db.writable), (2, 77, true));
+        assert_eq!(
+            run(dir, &["view", "list"]).await.unwrap(),
+            format::views_table(&[nightly_view(), db.clone()])
+        );
+        let json = run(dir, &["view", "list", "--json"]).await.unwrap();
+        let list: ViewList = serde_json::from_str(&json).unwrap();
+        assert_eq!(list.views, [nightly_view(), db.clone()]);
+
+        assert_eq!(
+            run(dir, &["view", "delete", "1"]).await.unwrap(),
+            "view 1 deleted\n"
+        );
+        let no_view = refused("404 Not Found", "no such view");
+        assert_eq!(run(dir, &["view", "delete", "1"]).await, no_view);
+        assert_eq!(
+            run(dir, &["view", "list"]).await.unwrap(),
+            format::views_table(&[db])
+        );
+    }
+
+    #[tokio::test]
+    async fn view_refusals_exit_1_and_failures_exit_2() {
+        let (dir, stop) = serve_fake().await;
+        let path = dir.path();
+        for (at, expected) in [
+            (
+                "seq:5",
+                refused("409 Conflict", "seq 5 is no longer in the history"),
+            ),
+            (
+                "yesterday",
+                refused("400 Bad Request", "\"yesterday\" is not a point"),
+            ),
+            (
+                "tag:weekly",
+                refused("404 Not Found", "no checkpoint matches \"tag:weekly\""),
+            ),
+        ] {
+            assert_eq!(
+                run(path, &["view", "create", "demo", "--at", at]).await,
+                expected,
+                "{at}"
+            );
+        }
+        // The appliance failing is an error, not a refusal.
+        let failed = CommandError::Client(ClientError::Server {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the checkpoint was not confirmed within 45 s".to_owned(),
+        });
+        assert_eq!(failed.exit_code(), EXIT_ERROR);
+        stop.await;
+        for args in [
+            &["view", "list"][..],
+            &["view", "delete", "1"],
+            &["checkpoint", "demo", "--tag", "x"],
+        ] {
+            let (code, message) = run(path, args).await.unwrap_err();
+            assert_eq!(code, EXIT_ERROR, "{args:?}: {message}");
+            assert!(
+                message.starts_with("cannot connect to the appliance api at 127.0.0.1:"),
+                "{message}"
+            );
+        }
     }
 }

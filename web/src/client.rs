@@ -1,5 +1,6 @@
-//! The REST API's client, used by `cdp status` and `cdp demo`: one plain HTTP/1.1 `GET` per
-//! connection, bearer token, JSON body, bounded in size and time.
+//! The REST API's client, used by the `cdp` commands and `cdp demo`: one plain HTTP/1.1
+//! request per connection (`GET`, `POST` with a JSON body, `DELETE`), bearer token, JSON
+//! answer, bounded in size and time.
 //!
 //! Built on hyper's own client connection (`hyper::client::conn::http1`) rather than ureq
 //! or reqwest: hyper is already in the tree through axum, so the client adds no TLS stack
@@ -15,18 +16,27 @@
 use std::pin::pin;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
-use hyper::header::{ACCEPT, AUTHORIZATION, HOST};
-use hyper::{Request, StatusCode, Uri};
+use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
-use crate::api::{ErrorBody, JobList, JobStatus, API_PREFIX};
+use crate::api::{
+    CheckpointList, CheckpointStatus, CreateCheckpoint, CreateView, ErrorBody, JobList, JobStatus,
+    ViewList, ViewStatus, API_PREFIX, CHECKPOINT_WAIT_MAX,
+};
 use crate::token::ApiToken;
 
 /// How long one request may take, connection included.
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// How long a checkpoint request may take: longer than the appliance waits for the agent
+/// ([`CHECKPOINT_WAIT_MAX`] at most), so that the appliance's answer arrives rather than
+/// a timeout here.
+pub const CHECKPOINT_TIMEOUT_DEFAULT: Duration =
+    Duration::from_secs(CHECKPOINT_WAIT_MAX.as_secs() + 15);
 /// Largest response body read; a larger one is an error, not an allocation.
 pub const RESPONSE_BYTES_MAX: usize = 16 << 20;
 /// Longest server error message shown, in characters.
@@ -41,6 +51,8 @@ pub struct ApiClient {
     path_prefix: String,
     token: ApiToken,
     request_timeout: Duration,
+    /// For `POST /jobs/{job}/checkpoints`, which waits for the agent.
+    checkpoint_timeout: Duration,
 }
 
 /// Why a request did not produce the answer asked for.
@@ -100,6 +112,12 @@ pub enum ClientError {
         /// The appliance's `error` message, sanitised.
         message: String,
     },
+    /// A request body could not be made into JSON.
+    #[error("encoding the request: {source}")]
+    Encode {
+        /// serde's error.
+        source: serde_json::Error,
+    },
     /// The answer is not the JSON this client expects (another version of cdp?).
     #[error("the appliance sent a response this cdp cannot read: {source}")]
     Decode {
@@ -157,13 +175,30 @@ impl ApiClient {
             path_prefix: uri.path().trim_end_matches('/').to_owned(),
             token,
             request_timeout: REQUEST_TIMEOUT_DEFAULT,
+            checkpoint_timeout: CHECKPOINT_TIMEOUT_DEFAULT,
         })
     }
 
-    /// The same client with another request timeout.
+    /// The same client with another request timeout (every request but a checkpoint's).
     pub fn with_timeout(mut self, request_timeout: Duration) -> Self {
         self.request_timeout = request_timeout;
         self
+    }
+
+    /// The same client with another timeout for creating a checkpoint.
+    pub fn with_checkpoint_timeout(mut self, checkpoint_timeout: Duration) -> Self {
+        self.checkpoint_timeout = checkpoint_timeout;
+        self
+    }
+
+    /// How long a request may take (every request but a checkpoint's).
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// How long a request for a checkpoint may take.
+    pub fn checkpoint_timeout(&self) -> Duration {
+        self.checkpoint_timeout
     }
 
     /// `http://host:port[/prefix]`, for messages.
@@ -189,28 +224,80 @@ impl ApiClient {
         self.get_json(&format!("/jobs/{id}")).await
     }
 
-    /// `GET /api/v1{path}`, decoded as `T` (`serde_json::Value` for the raw JSON).
-    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let (status, body) = self.get(path).await?;
-        if status.is_success() {
-            return serde_json::from_slice(&body).map_err(|source| ClientError::Decode { source });
-        }
-        let message = match serde_json::from_slice::<ErrorBody>(&body) {
-            Ok(error) => sanitise(&error.error),
-            Err(_) => status
-                .canonical_reason()
-                .unwrap_or("no message")
-                .to_lowercase(),
-        };
-        if status.is_client_error() {
-            Err(ClientError::Refused { status, message })
-        } else {
-            Err(ClientError::Server { status, message })
-        }
+    /// `GET /api/v1/jobs/{job}/checkpoints`: `job` is a name, an id or an id prefix.
+    pub async fn checkpoints(&self, job: &str) -> Result<Vec<CheckpointStatus>, ClientError> {
+        let list: CheckpointList = self.get_json(&checkpoints_path(job)?).await?;
+        Ok(list.checkpoints)
     }
 
-    /// One `GET` on a fresh connection: status and the whole body.
-    async fn get(&self, path: &str) -> Result<(StatusCode, Bytes), ClientError> {
+    /// `POST /api/v1/jobs/{job}/checkpoints`; waits up to the checkpoint timeout.
+    pub async fn create_checkpoint(
+        &self,
+        job: &str,
+        request: &CreateCheckpoint,
+    ) -> Result<CheckpointStatus, ClientError> {
+        self.post_json(&checkpoints_path(job)?, request, self.checkpoint_timeout)
+            .await
+    }
+
+    /// `GET /api/v1/views`.
+    pub async fn views(&self) -> Result<Vec<ViewStatus>, ClientError> {
+        let list: ViewList = self.get_json("/views").await?;
+        Ok(list.views)
+    }
+
+    /// `POST /api/v1/views`.
+    pub async fn create_view(&self, request: &CreateView) -> Result<ViewStatus, ClientError> {
+        self.post_json("/views", request, self.request_timeout)
+            .await
+    }
+
+    /// `DELETE /api/v1/views/{id}`.
+    pub async fn delete_view(&self, id: u64) -> Result<(), ClientError> {
+        let (status, body) = self
+            .send(
+                Method::DELETE,
+                &format!("/views/{id}"),
+                None,
+                self.request_timeout,
+            )
+            .await?;
+        // Whatever a success carries (a 204 carries nothing) is not needed.
+        answer::<serde::de::IgnoredAny>(status, &body).map(|_| ())
+    }
+
+    /// `GET /api/v1{path}`, decoded as `T` (`serde_json::Value` for the raw JSON).
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let (status, body) = self
+            .send(Method::GET, path, None, self.request_timeout)
+            .await?;
+        answer(status, &body)
+    }
+
+    /// `POST /api/v1{path}` with `body` as JSON, the answer decoded as `T`
+    /// (`serde_json::Value` for the raw JSON), within `timeout`.
+    pub async fn post_json<T: DeserializeOwned, B: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        // Cannot fail for the API's request types (plain structs, string keys); any other
+        // `B` gets an error rather than a panic.
+        let body = serde_json::to_vec(body).map_err(|source| ClientError::Encode { source })?;
+        let (status, answered) = self.send(Method::POST, path, Some(body), timeout).await?;
+        answer(status, &answered)
+    }
+
+    /// One request on a fresh connection, with `body` as JSON if given: status and the
+    /// whole answer, within `timeout`.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let authority = &self.authority;
         let http = |source| ClientError::Http {
             authority: authority.clone(),
@@ -227,11 +314,17 @@ impl ApiClient {
                 hyper::client::conn::http1::handshake(TokioIo::new(stream))
                     .await
                     .map_err(http)?;
-            let request = Request::get(format!("{}{API_PREFIX}{path}", self.path_prefix))
+            let mut request = Request::builder()
+                .method(method)
+                .uri(format!("{}{API_PREFIX}{path}", self.path_prefix))
                 .header(HOST, authority.as_str())
                 .header(ACCEPT, "application/json")
-                .header(AUTHORIZATION, format!("Bearer {}", self.token.as_str()))
-                .body(Empty::<Bytes>::new())
+                .header(AUTHORIZATION, format!("Bearer {}", self.token.as_str()));
+            if body.is_some() {
+                request = request.header(CONTENT_TYPE, "application/json");
+            }
+            let request = request
+                .body(Full::new(Bytes::from(body.unwrap_or_default())))
                 .map_err(|_| ClientError::InvalidUrl {
                     url: self.base_url(),
                     reason: "it does not make a valid request path",
@@ -265,13 +358,64 @@ impl ApiClient {
                 }
             }
         };
-        tokio::time::timeout(self.request_timeout, exchange)
+        tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| ClientError::Timeout {
                 authority: authority.clone(),
-                seconds: self.request_timeout.as_secs(),
+                seconds: timeout.as_secs(),
             })?
     }
+}
+
+/// An answer's body decoded as `T` if its status is a success, else the error it carries:
+/// [`ClientError::Refused`] for a 4xx, [`ClientError::Server`] for anything else. An empty
+/// success body (204) decodes as JSON `null`.
+fn answer<T: DeserializeOwned>(status: StatusCode, body: &[u8]) -> Result<T, ClientError> {
+    if status.is_success() {
+        let body = if body.is_empty() { &b"null"[..] } else { body };
+        return serde_json::from_slice(body).map_err(|source| ClientError::Decode { source });
+    }
+    let message = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(error) => sanitise(&error.error),
+        Err(_) => status
+            .canonical_reason()
+            .unwrap_or("no message")
+            .to_lowercase(),
+    };
+    if status.is_client_error() {
+        Err(ClientError::Refused { status, message })
+    } else {
+        Err(ClientError::Server { status, message })
+    }
+}
+
+/// `/jobs/{job}/checkpoints` (under `/api/v1`) with `job` percent-encoded, for
+/// [`ApiClient::get_json`] and [`ApiClient::post_json`]. An empty `job` names no job: it is
+/// refused here, as the appliance would.
+pub fn checkpoints_path(job: &str) -> Result<String, ClientError> {
+    if job.is_empty() {
+        return Err(ClientError::Refused {
+            status: StatusCode::NOT_FOUND,
+            message: "no such job".to_owned(),
+        });
+    }
+    Ok(format!("/jobs/{}/checkpoints", path_segment(job)))
+}
+
+/// `text` as one path segment: every byte but RFC 3986's unreserved characters
+/// percent-encoded, and `.` too when the segment is all dots (`..` must not climb).
+fn path_segment(text: &str) -> String {
+    let all_dots = text.bytes().all(|b| b == b'.');
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        let unreserved = byte.is_ascii_alphanumeric() || b"-_~".contains(&byte);
+        if unreserved || (byte == b'.' && !all_dots) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 /// A server's message made safe for a terminal: control characters replaced, length bounded.
@@ -290,7 +434,9 @@ fn sanitise(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::tests::{two_jobs, FakeControl, ID_DB, TOKEN};
+    use crate::api::tests::{
+        demo_checkpoints, nightly_view, two_jobs, FakeControl, ID_DB, ID_DEMO, TOKEN,
+    };
     use crate::api::{router, serve};
     use std::sync::Arc;
 
@@ -344,7 +490,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let app = router(token(), Arc::new(FakeControl(two_jobs())));
+        let app = router(token(), Arc::new(FakeControl::new(two_jobs())));
         tokio::spawn(serve(listener, app, async move {
             let _ = stopped.await;
         }));
@@ -436,5 +582,126 @@ mod tests {
             err.to_string(),
             "the appliance failed to answer (502 Bad Gateway): bad gateway"
         );
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        let check = |text: &str, expected: &str| {
+            assert_eq!(path_segment(text), expected, "{text}");
+        };
+        check("demo", "demo");
+        check(ID_DB, ID_DB);
+        check("v1.2_x-y~z", "v1.2_x-y~z");
+        check("my job", "my%20job");
+        check("a/b?c#d%e", "a%2Fb%3Fc%23d%25e");
+        check("ü", "%C3%BC");
+        check(".", "%2E");
+        check("..", "%2E%2E");
+        check("..x", "..x");
+        assert_eq!(
+            checkpoints_path("my job").unwrap(),
+            "/jobs/my%20job/checkpoints"
+        );
+        let err = checkpoints_path("").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the appliance refused the request (404 Not Found): no such job"
+        );
+    }
+
+    #[tokio::test]
+    async fn makes_checkpoints_and_views_over_http() {
+        let (client, _stop) = served(token()).await;
+        assert_eq!(
+            client.checkpoints("demo").await.unwrap(),
+            demo_checkpoints()
+        );
+        let request = CreateCheckpoint {
+            tags: vec!["before upgrade".to_owned()],
+            app_consistent: true,
+        };
+        let made = client.create_checkpoint("demo", &request).await.unwrap();
+        assert_eq!(
+            (made.seq, made.tags, made.app_consistent),
+            (1_241, vec!["before upgrade".to_owned()], true)
+        );
+        assert_eq!(client.checkpoints(ID_DEMO).await.unwrap().len(), 3);
+
+        assert_eq!(client.views().await.unwrap(), []);
+        let request = CreateView {
+            job: "demo".to_owned(),
+            at: "tag:nightly".to_owned(),
+            writable: false,
+        };
+        assert_eq!(client.create_view(&request).await.unwrap(), nightly_view());
+        assert_eq!(client.views().await.unwrap(), [nightly_view()]);
+        // A 204 without a body is a success.
+        client.delete_view(1).await.unwrap();
+        assert_eq!(client.views().await.unwrap(), []);
+    }
+
+    #[tokio::test]
+    async fn checkpoint_and_view_refusals_carry_the_appliances_words() {
+        let (client, _stop) = served(token()).await;
+        let refusal = |err: ClientError| {
+            assert!(err.is_refusal(), "{err}");
+            err.to_string()
+        };
+        let tagged = CreateCheckpoint {
+            tags: vec!["x".to_owned()],
+            app_consistent: false,
+        };
+        assert_eq!(
+            refusal(client.create_checkpoint("db", &tagged).await.unwrap_err()),
+            "the appliance refused the request (409 Conflict): the agent is not connected"
+        );
+        assert_eq!(
+            refusal(client.checkpoints("nope").await.unwrap_err()),
+            "the appliance refused the request (404 Not Found): no such job"
+        );
+        let expired = CreateView {
+            job: "demo".to_owned(),
+            at: "seq:5".to_owned(),
+            writable: true,
+        };
+        assert_eq!(
+            refusal(client.create_view(&expired).await.unwrap_err()),
+            "the appliance refused the request (409 Conflict): seq 5 is no longer in the history"
+        );
+        assert_eq!(
+            refusal(client.delete_view(9).await.unwrap_err()),
+            "the appliance refused the request (404 Not Found): no such view"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_waits_longer_than_the_appliance() {
+        assert!(CHECKPOINT_TIMEOUT_DEFAULT > CHECKPOINT_WAIT_MAX);
+        // A server that never answers, as in `a_silent_server_times_out`.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let request = CreateCheckpoint {
+            tags: vec!["x".to_owned()],
+            app_consistent: false,
+        };
+        let client = ApiClient::new(&addr.to_string(), token()).unwrap();
+        let err = client
+            .create_checkpoint("demo", &request)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("the appliance api at {addr} did not answer within 60 s")
+        );
+        let client = client.with_checkpoint_timeout(Duration::from_secs(90));
+        let err = client
+            .create_checkpoint("demo", &request)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("the appliance api at {addr} did not answer within 90 s")
+        );
+        drop(listener);
     }
 }

@@ -7,7 +7,6 @@
 //! children, by the pid of a `Child` it has not reaped), never use `pkill`, and never
 //! delete the demo directory: it is kept for the operator to inspect.
 
-use std::borrow::Cow;
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -25,7 +24,7 @@ use tokio::process::{Child, Command};
 
 use crate::api::JobStatus;
 use crate::client::{ApiClient, ClientError};
-use crate::format;
+use crate::format::{self, shell_quote};
 use crate::token::{ApiToken, TokenFileError, TOKEN_FILE_NAME};
 
 /// The appliance's binary, looked for next to `cdp`.
@@ -1214,16 +1213,6 @@ fn guide_text(facts: &GuideFacts) -> String {
     line(String::new());
     line("Press Ctrl-C to stop both; the demo directory is kept.".to_owned());
     text
-}
-
-/// `text` as one shell word: unchanged if it has only safe characters, else single-quoted.
-pub fn shell_quote(text: &str) -> Cow<'_, str> {
-    let safe = |c: char| c.is_ascii_alphanumeric() || "_-./:=@%+,".contains(c);
-    if !text.is_empty() && text.chars().all(safe) {
-        Cow::Borrowed(text)
-    } else {
-        Cow::Owned(format!("'{}'", text.replace('\'', r"'\''")))
-    }
 }
 
 #[cfg(test)]

@@ -1,12 +1,15 @@
-//! Text for people: human-readable sizes and durations, the `cdp status` table and the
-//! one-job detail view, all from [`JobStatus`] values.
+//! Text for people: human-readable sizes and durations, shell quoting, the `cdp status`
+//! table and one-job detail, and what `cdp checkpoint`, `cdp checkpoints` and `cdp view`
+//! print, all from the API's DTOs.
 //!
 //! Pure functions of their inputs: must never do I/O or read the clock, so that what the
-//! CLI prints can be tested byte for byte.
+//! CLI prints can be tested byte for byte. Text that operators typed into the appliance
+//! (tags) is shown with control characters replaced, so it cannot drive the terminal.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use crate::api::JobStatus;
+use crate::api::{CheckpointStatus, JobStatus, ViewStatus};
 
 /// `0 B`, `512 B`, `1.5 KiB`, `256 MiB`, `1.0 TiB`: binary units, one decimal below 10.
 pub fn bytes(count: u64) -> String {
@@ -75,8 +78,68 @@ pub fn short_id(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
 }
 
-/// The `cdp status` table: a header and one line per job, columns aligned with two spaces
-/// between them, no trailing spaces. No jobs gives a sentence instead of an empty table.
+/// `text` as one shell word: unchanged if it has only safe characters, else single-quoted.
+pub fn shell_quote(text: &str) -> Cow<'_, str> {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_-./:=@%+,".contains(c);
+    if !text.is_empty() && text.chars().all(safe) {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(format!("'{}'", text.replace('\'', r"'\''")))
+    }
+}
+
+/// `text` with every control character (escape sequences, newlines) replaced by `?`.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        Cow::Owned(
+            text.chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(text)
+    }
+}
+
+/// A tag as `cdp` shows it: printable, and one shell word, so that a tag with spaces reads
+/// as one (`'before upgrade'`).
+fn tag(text: &str) -> String {
+    shell_quote(&printable(text)).into_owned()
+}
+
+/// Columns aligned with two spaces between them, no trailing spaces: the shape of every
+/// table `cdp` prints.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(|title| title.chars().count());
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut text = String::new();
+        for (column, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            if column > 0 {
+                text.push_str("  ");
+            }
+            text.push_str(cell);
+            let pad = width.saturating_sub(cell.chars().count());
+            text.extend(std::iter::repeat_n(' ', pad));
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        line(&cells);
+    }
+    out
+}
+
+/// The `cdp status` table: a header and one line per job. No jobs gives a sentence instead
+/// of an empty table.
 pub fn jobs_table(jobs: &[JobStatus]) -> String {
     if jobs.is_empty() {
         return "no jobs\n".to_owned();
@@ -109,32 +172,7 @@ pub fn jobs_table(jobs: &[JobStatus]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(|title| title.chars().count());
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let mut text = String::new();
-        for (column, (cell, width)) in cells.iter().zip(widths).enumerate() {
-            if column > 0 {
-                text.push_str("  ");
-            }
-            text.push_str(cell);
-            let pad = width.saturating_sub(cell.chars().count());
-            text.extend(std::iter::repeat_n(' ', pad));
-        }
-        out.push_str(text.trim_end());
-        out.push('\n');
-    };
-    line(&header);
-    for row in &rows {
-        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
-        line(&cells);
-    }
-    out
+    table(header, &rows)
 }
 
 /// `cdp status JOB`: every field of one job, one per line, labels aligned.
@@ -146,6 +184,11 @@ pub fn job_detail(job: &JobStatus) -> String {
     let heartbeat = match job.last_heartbeat_age_seconds {
         Some(age) => format!("{} ago", duration(age)),
         None => "never".to_owned(),
+    };
+    let history = match (job.history_oldest_seq, &job.history_oldest_time) {
+        (Some(seq), Some(time)) => format!("from seq {seq} ({time})"),
+        (Some(seq), None) => format!("from seq {seq}"),
+        (None, _) => "empty".to_owned(),
     };
     let fields = [
         ("job", job.name.clone()),
@@ -172,6 +215,12 @@ pub fn job_detail(job: &JobStatus) -> String {
                 "{} ({} records to apply)",
                 job.applied_seq, job.apply_lag_records
             ),
+        ),
+        ("history", history),
+        ("checkpoints", job.checkpoints.to_string()),
+        (
+            "consistent",
+            if job.consistent { "yes" } else { "no" }.to_owned(),
         ),
     ];
     let width = fields
@@ -211,10 +260,163 @@ pub fn job_detail(job: &JobStatus) -> String {
     out
 }
 
+/// `application-consistent` or `crash-consistent`.
+fn consistency(app_consistent: bool) -> &'static str {
+    if app_consistent {
+        "application-consistent"
+    } else {
+        "crash-consistent"
+    }
+}
+
+/// What `cdp checkpoint` prints:
+/// `checkpoint seq 1241 at 2025-06-01T12:00:01.000000Z (tag before-upgrade, application-consistent)`.
+pub fn checkpoint_made(checkpoint: &CheckpointStatus) -> String {
+    let tags = match checkpoint.tags.as_slice() {
+        [] => "no tags".to_owned(),
+        [one] => format!("tag {}", tag(one)),
+        many => {
+            let words: Vec<String> = many.iter().map(|t| tag(t)).collect();
+            format!("tags {}", words.join(" "))
+        }
+    };
+    format!(
+        "checkpoint seq {} at {} ({tags}, {})\n",
+        checkpoint.seq,
+        printable(&checkpoint.time),
+        consistency(checkpoint.app_consistent)
+    )
+}
+
+/// The `cdp checkpoints JOB` table, oldest first as the appliance lists them. None gives a
+/// sentence instead of an empty table.
+pub fn checkpoints_table(checkpoints: &[CheckpointStatus]) -> String {
+    if checkpoints.is_empty() {
+        return "no checkpoints\n".to_owned();
+    }
+    let rows: Vec<[String; 5]> = checkpoints
+        .iter()
+        .map(|checkpoint| {
+            let tags: Vec<String> = checkpoint.tags.iter().map(|t| tag(t)).collect();
+            [
+                checkpoint.seq.to_string(),
+                printable(&checkpoint.time).into_owned(),
+                printable(&checkpoint.kind).into_owned(),
+                if checkpoint.app_consistent {
+                    "application"
+                } else {
+                    "crash"
+                }
+                .to_owned(),
+                if tags.is_empty() {
+                    "-".to_owned()
+                } else {
+                    tags.join(", ")
+                },
+            ]
+        })
+        .collect();
+    table(["SEQ", "TIME", "KIND", "CONSISTENCY", "TAGS"], &rows)
+}
+
+/// `read-only`, or `writable` with what becomes of the writes.
+fn access(writable: bool) -> &'static str {
+    if writable {
+        "writable (writes are dropped with the view)"
+    } else {
+        "read-only"
+    }
+}
+
+/// What `cdp view create` prints: the view, its point, and per disk its NBD URI with
+/// commands to inspect and copy it, ready to paste.
+pub fn view_created(view: &ViewStatus) -> String {
+    let mut out = String::new();
+    let time = match &view.time {
+        Some(time) => format!(" ({})", printable(time)),
+        None => String::new(),
+    };
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        "view {} of job {} at seq {}{time}, {}",
+        view.id,
+        printable(&view.job_name),
+        view.seq,
+        access(view.writable)
+    );
+    if view.exports.is_empty() {
+        out.push_str("  no disks\n");
+    }
+    let name_width = view
+        .exports
+        .iter()
+        .map(|export| printable(&export.disk).chars().count())
+        .max()
+        .unwrap_or(0);
+    let sizes: Vec<String> = view
+        .exports
+        .iter()
+        .map(|export| bytes(export.size_bytes))
+        .collect();
+    let size_width = sizes.iter().map(String::len).max().unwrap_or(0);
+    for (export, size) in view.exports.iter().zip(&sizes) {
+        let uri = shell_quote(&printable(&export.uri)).into_owned();
+        let copy = shell_quote(&printable(&format!("{}.img", export.disk))).into_owned();
+        let _ = writeln!(
+            out,
+            "  {:name_width$}  {size:>size_width$}  {uri}",
+            printable(&export.disk)
+        );
+        let _ = writeln!(out, "      qemu-img info {uri}");
+        let _ = writeln!(out, "      nbdcopy {uri} {copy}");
+    }
+    let _ = writeln!(out, "delete it when done: cdp view delete {}", view.id);
+    out
+}
+
+/// The `cdp view list` table. None gives a sentence instead of an empty table.
+pub fn views_table(views: &[ViewStatus]) -> String {
+    if views.is_empty() {
+        return "no views\n".to_owned();
+    }
+    let rows: Vec<[String; 6]> = views
+        .iter()
+        .map(|view| {
+            let uris: Vec<&str> = view
+                .exports
+                .iter()
+                .map(|export| export.uri.as_str())
+                .collect();
+            [
+                view.id.to_string(),
+                printable(&view.job_name).into_owned(),
+                view.seq.to_string(),
+                view.time
+                    .as_deref()
+                    .map_or_else(|| "-".to_owned(), |time| printable(time).into_owned()),
+                if view.writable {
+                    "writable"
+                } else {
+                    "read-only"
+                }
+                .to_owned(),
+                if uris.is_empty() {
+                    "-".to_owned()
+                } else {
+                    printable(&uris.join(", ")).into_owned()
+                },
+            ]
+        })
+        .collect();
+    table(["ID", "JOB", "SEQ", "TIME", "ACCESS", "EXPORTS"], &rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::tests::two_jobs;
+    use crate::api::tests::{demo_checkpoints, nightly_view, two_jobs, ID_DB};
+    use crate::api::ViewExport;
 
     #[test]
     fn bytes_are_human_readable() {
@@ -290,6 +492,9 @@ lag             0 records, 0 B
 agent head seq  0
 landed seq      77
 applied seq     77 (0 records to apply)
+history         empty
+checkpoints     0
+consistent      no
 disks
     0  sys    20 GiB  /var/lib/cdp/replica/db/sys.img
     1  data  1.0 TiB  /var/lib/cdp/replica/db/data.img
@@ -306,8 +511,161 @@ disks
             "{detail}"
         );
         assert!(
-            detail.contains("\napplied seq     1200 (28 records to apply)\n"),
+            detail.contains(
+                "\napplied seq     1200 (28 records to apply)\n\
+                 history         from seq 1000 (2025-06-01T11:00:00.000000Z)\n\
+                 checkpoints     2\n\
+                 consistent      yes\n"
+            ),
             "{detail}"
         );
+        let mut no_time = jobs[0].clone();
+        no_time.history_oldest_time = None;
+        let detail = job_detail(&no_time);
+        assert!(
+            detail.contains("\nhistory         from seq 1000\n"),
+            "{detail}"
+        );
+    }
+
+    #[test]
+    fn shell_quote_leaves_safe_words_and_quotes_the_rest() {
+        let check = |text: &str, expected: &str| assert_eq!(shell_quote(text), expected, "{text}");
+        check(
+            "/tmp/cdp-demo.Ab12/source/disk0.img",
+            "/tmp/cdp-demo.Ab12/source/disk0.img",
+        );
+        check(
+            "nbd+unix:///disk0?socket=/tmp/d/nbd.sock",
+            "'nbd+unix:///disk0?socket=/tmp/d/nbd.sock'",
+        );
+        check("/tmp/my disk", "'/tmp/my disk'");
+        check("it's", r"'it'\''s'");
+        check("", "''");
+    }
+
+    #[test]
+    fn printable_replaces_control_characters() {
+        assert_eq!(printable("nightly"), "nightly");
+        assert!(matches!(printable("nightly"), Cow::Borrowed(_)));
+        assert_eq!(printable("a\x1b[2Jb\nc\u{9b}"), "a?[2Jb?c?");
+        assert_eq!(tag("before upgrade"), "'before upgrade'");
+        assert_eq!(tag("x\x07"), "'x?'");
+    }
+
+    #[test]
+    fn a_made_checkpoint_is_one_line() {
+        let check = |tags: &[&str], app_consistent: bool, expected: &str| {
+            let checkpoint = CheckpointStatus {
+                tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+                app_consistent,
+                seq: 1_241,
+                time: "2025-06-01T12:00:01.000000Z".to_owned(),
+                ..demo_checkpoints()[1].clone()
+            };
+            assert_eq!(checkpoint_made(&checkpoint), expected, "{tags:?}");
+        };
+        check(
+            &["before-upgrade"],
+            true,
+            "checkpoint seq 1241 at 2025-06-01T12:00:01.000000Z (tag before-upgrade, \
+             application-consistent)\n",
+        );
+        check(
+            &["nightly", "before upgrade"],
+            false,
+            "checkpoint seq 1241 at 2025-06-01T12:00:01.000000Z (tags nightly 'before upgrade', \
+             crash-consistent)\n",
+        );
+        check(
+            &[],
+            false,
+            "checkpoint seq 1241 at 2025-06-01T12:00:01.000000Z (no tags, crash-consistent)\n",
+        );
+    }
+
+    #[test]
+    fn checkpoints_table_is_aligned() {
+        let mut checkpoints = demo_checkpoints();
+        checkpoints.push(CheckpointStatus {
+            seq: 1_241,
+            time: "2025-06-01T12:00:01.000000Z".to_owned(),
+            unix_micros: 1_748_779_201_000_000,
+            kind: "tagged".to_owned(),
+            app_consistent: false,
+            tags: vec!["before-upgrade".to_owned()],
+        });
+        let expected = "\
+SEQ   TIME                         KIND    CONSISTENCY  TAGS
+1000  2025-06-01T11:00:00.000000Z  auto    crash        -
+1100  2025-06-01T11:30:00.250000Z  tagged  application  nightly, 'before upgrade'
+1241  2025-06-01T12:00:01.000000Z  tagged  crash        before-upgrade
+";
+        assert_eq!(checkpoints_table(&checkpoints), expected);
+        assert_eq!(checkpoints_table(&[]), "no checkpoints\n");
+    }
+
+    /// A writable view of `db` at a seq without a checkpoint: two disks, no time.
+    fn db_view() -> ViewStatus {
+        let export = |disk: &str, size_bytes: u64| ViewExport {
+            disk: disk.to_owned(),
+            export: format!("view2-{disk}"),
+            uri: format!("nbd://127.0.0.1:10809/view2-{disk}"),
+            size_bytes,
+        };
+        ViewStatus {
+            id: 2,
+            job: ID_DB.to_owned(),
+            job_name: "db".to_owned(),
+            seq: 77,
+            time: None,
+            writable: true,
+            exports: vec![export("sys", 20 << 30), export("data", 1 << 40)],
+        }
+    }
+
+    #[test]
+    fn a_created_view_says_how_to_reach_each_disk() {
+        let expected = "\
+view 1 of job demo at seq 1100 (2025-06-01T11:30:00.250000Z), read-only
+  disk0  256 MiB  nbd://127.0.0.1:10809/view1-disk0
+      qemu-img info nbd://127.0.0.1:10809/view1-disk0
+      nbdcopy nbd://127.0.0.1:10809/view1-disk0 disk0.img
+delete it when done: cdp view delete 1
+";
+        assert_eq!(view_created(&nightly_view()), expected);
+        let expected = "\
+view 2 of job db at seq 77, writable (writes are dropped with the view)
+  sys    20 GiB  nbd://127.0.0.1:10809/view2-sys
+      qemu-img info nbd://127.0.0.1:10809/view2-sys
+      nbdcopy nbd://127.0.0.1:10809/view2-sys sys.img
+  data  1.0 TiB  nbd://127.0.0.1:10809/view2-data
+      qemu-img info nbd://127.0.0.1:10809/view2-data
+      nbdcopy nbd://127.0.0.1:10809/view2-data data.img
+delete it when done: cdp view delete 2
+";
+        assert_eq!(view_created(&db_view()), expected);
+        // Odd names stay one shell word each.
+        let mut odd = nightly_view();
+        odd.exports[0].disk = "my disk".to_owned();
+        odd.exports[0].uri = "nbd://127.0.0.1:10809/view1-my%20disk".to_owned();
+        let text = view_created(&odd);
+        assert!(
+            text.contains("\n      nbdcopy nbd://127.0.0.1:10809/view1-my%20disk 'my disk.img'\n"),
+            "{text}"
+        );
+        odd.exports.clear();
+        assert!(view_created(&odd).contains("\n  no disks\n"));
+    }
+
+    #[test]
+    fn views_table_is_aligned() {
+        let expected = "\
+ID  JOB   SEQ   TIME                         ACCESS     EXPORTS
+1   demo  1100  2025-06-01T11:30:00.250000Z  read-only  nbd://127.0.0.1:10809/view1-disk0
+2   db    77    -                            writable   nbd://127.0.0.1:10809/view2-sys, nbd://127.0.0.1:10809/view2-data
+";
+        assert_eq!(views_table(&[nightly_view(), db_view()]), expected);
+        assert_eq!(views_table(&[]), "no views\n");
     }
 }

@@ -27,25 +27,38 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_ERROR);
         }
     };
-    match cli.command {
+    let env = |name: &str| std::env::var_os(name);
+    // Each command writes its output with one `write_all`.
+    let mut stdout = std::io::stdout();
+    let done = match &cli.command {
         Command::Status(args) => {
-            let env = |name: &str| std::env::var_os(name);
-            let mut stdout = std::io::stdout().lock();
-            match runtime.block_on(web::cli::status(&cli.api, &args, &env, &mut stdout)) {
+            runtime.block_on(web::cli::status(&cli.api, args, &env, &mut stdout))
+        }
+        Command::Checkpoint(args) => {
+            runtime.block_on(web::cli::checkpoint(&cli.api, args, &env, &mut stdout))
+        }
+        Command::Checkpoints(args) => {
+            runtime.block_on(web::cli::checkpoints(&cli.api, args, &env, &mut stdout))
+        }
+        Command::View(command) => {
+            runtime.block_on(web::cli::view(&cli.api, command, &env, &mut stdout))
+        }
+        Command::Demo(args) => {
+            return match runtime.block_on(demo(args.clone())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("cdp: {err}");
-                    ExitCode::from(err.exit_code())
+                    eprintln!("cdp demo: {err:#}");
+                    ExitCode::from(EXIT_ERROR)
                 }
-            }
+            };
         }
-        Command::Demo(args) => match runtime.block_on(demo(args)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("cdp demo: {err:#}");
-                ExitCode::from(EXIT_ERROR)
-            }
-        },
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("cdp: {err}");
+            ExitCode::from(err.exit_code())
+        }
     }
 }
 

@@ -1,6 +1,6 @@
-//! Tests of `cdp demo`: its pure parts (child output, status lines, the guide, quoting, log
-//! tails), and its orchestration against fake `cdp-receiver` and `cdp-agent` shell scripts
-//! with the real API served in-process. Must never depend on the real binaries.
+//! Tests of `cdp demo`: its pure parts (child output, status lines, the guide, log tails),
+//! and its orchestration against fake `cdp-receiver` and `cdp-agent` shell scripts with the
+//! real API served in-process. Must never depend on the real binaries.
 
 use super::*;
 use crate::api::tests::{two_jobs, TOKEN};
@@ -103,22 +103,6 @@ fn status_lines_say_state_rpo_lag_and_seqs() {
         status_line(Duration::ZERO, None),
         "[    0s]  job demo is not listed by the appliance"
     );
-}
-
-#[test]
-fn shell_quote_leaves_safe_words_and_quotes_the_rest() {
-    let check = |text: &str, expected: &str| assert_eq!(shell_quote(text), expected, "{text}");
-    check(
-        "/tmp/cdp-demo.Ab12/source/disk0.img",
-        "/tmp/cdp-demo.Ab12/source/disk0.img",
-    );
-    check(
-        "nbd+unix:///disk0?socket=/tmp/d/nbd.sock",
-        "'nbd+unix:///disk0?socket=/tmp/d/nbd.sock'",
-    );
-    check("/tmp/my disk", "'/tmp/my disk'");
-    check("it's", r"'it'\''s'");
-    check("", "''");
 }
 
 #[test]
