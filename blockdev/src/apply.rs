@@ -93,7 +93,9 @@ pub fn apply_record(
 mod tests {
     use super::*;
     use crate::{BlockDevice, MemDevice};
-    use journal::{decode_record, encode_record, Compression, DiskId, Entry, Generation, Timestamp};
+    use journal::{
+        decode_record, encode_record, Compression, DiskId, Entry, Generation, Timestamp,
+    };
 
     fn record(entry: Entry<'_>, seq: u64) -> journal::Record {
         let bytes = encode_record(&entry, Generation(1), Seq(seq), Compression::None).unwrap();
@@ -129,7 +131,11 @@ mod tests {
         let dev = MemDevice::new(8192);
         let w = record(Entry::write(DiskId(0), 4096, &[7; 8192], Timestamp(1)), 9);
         let err = apply_record(&dev, &w.header, &w.payload).unwrap_err();
-        assert!(err.to_string().starts_with("record seq 9 (Write at 4096+8192) lies outside"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("record seq 9 (Write at 4096+8192) lies outside"),
+            "{err}"
+        );
         assert_eq!(dev.writes(), 0);
     }
 }

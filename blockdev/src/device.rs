@@ -68,7 +68,8 @@ impl FileDevice {
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
-        let (Ok(offset), Ok(length)) = (libc::off_t::try_from(offset), libc::off_t::try_from(length))
+        let (Ok(offset), Ok(length)) =
+            (libc::off_t::try_from(offset), libc::off_t::try_from(length))
         else {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
@@ -113,7 +114,11 @@ pub fn create_image(path: &Path, size_bytes: u64) -> io::Result<FileDevice> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)?;
     file.set_len(size_bytes)?;
     file.sync_all()?;
     if let Some(dir) = path.parent() {
@@ -233,12 +238,20 @@ impl MemDevice {
 
     /// A copy of the live image.
     pub fn live(&self) -> Vec<u8> {
-        self.images.lock().unwrap_or_else(|p| p.into_inner()).0.clone()
+        self.images
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
     }
 
     /// A copy of the durable image.
     pub fn durable(&self) -> Vec<u8> {
-        self.images.lock().unwrap_or_else(|p| p.into_inner()).1.clone()
+        self.images
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
     }
 
     /// Number of successful writes and zeroings.
@@ -291,7 +304,8 @@ impl BlockDevice for MemDevice {
 
     fn zero_range(&self, offset: u64, length: u64, _may_punch: bool) -> io::Result<()> {
         self.fails(Fault::Write)?;
-        let length = usize::try_from(length).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        let length =
+            usize::try_from(length).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
         let range = self.range(offset, length)?;
         self.images.lock().unwrap_or_else(|p| p.into_inner()).0[range].fill(0);
         self.writes.fetch_add(1, Ordering::Relaxed);
@@ -327,7 +341,10 @@ mod tests {
     fn file_and_memory_devices_agree() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
-        std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
         let file = FileDevice::open(&path).unwrap();
         assert_eq!(file.size_bytes(), 1 << 20);
         let mem = MemDevice::new(1 << 20);

@@ -107,12 +107,8 @@ fn run_journal(
                 for i in 0..per_thread {
                     let index = t * per_thread + i;
                     let payload = slice(&pool, index, size);
-                    let entry = Entry::write(
-                        DiskId(0),
-                        index * size as u64,
-                        payload,
-                        Timestamp(index),
-                    );
+                    let entry =
+                        Entry::write(DiskId(0), index * size as u64, payload, Timestamp(index));
                     last = journal.append(entry).unwrap();
                     if (i + 1) % wait_every == 0 {
                         journal.wait_durable(last).unwrap();
@@ -217,7 +213,11 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
     let fs = filesystem(&dir);
-    assert!(fs != "tmpfs", "{} is tmpfs: fdatasync would be free", dir.display());
+    assert!(
+        fs != "tmpfs",
+        "{} is tmpfs: fdatasync would be free",
+        dir.display()
+    );
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
     println!("journal append benchmark");
     println!(

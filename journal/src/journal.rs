@@ -242,7 +242,10 @@ fn io_open(name: &str) -> impl FnOnce(io::Error) -> OpenError + '_ {
 }
 
 impl Core {
-    pub(crate) fn open(storage: Arc<dyn Storage>, config: JournalConfig) -> Result<Core, OpenError> {
+    pub(crate) fn open(
+        storage: Arc<dyn Storage>,
+        config: JournalConfig,
+    ) -> Result<Core, OpenError> {
         config.check()?;
         let mut recovery = Recovery::default();
         let mut ids = Vec::new();
@@ -391,7 +394,10 @@ impl Core {
     }
 
     /// Appends a prepared record: gives it the next seq and writes it into the OS.
-    pub(crate) fn append_prepared(&mut self, record: &mut PreparedRecord) -> Result<Seq, AppendError> {
+    pub(crate) fn append_prepared(
+        &mut self,
+        record: &mut PreparedRecord,
+    ) -> Result<Seq, AppendError> {
         self.append_poisoned()?;
         let seq = self.head.next();
         let len = record.record_bytes() as u64;
@@ -468,7 +474,11 @@ impl Core {
         compressed: bool,
     ) -> Result<Seq, AppendError> {
         let len = bytes.len() as u64;
-        if let Err(e) = self.active.file.write_all_at(bytes, self.active.write_offset) {
+        if let Err(e) = self
+            .active
+            .file
+            .write_all_at(bytes, self.active.write_offset)
+        {
             let name = self.active.name.clone();
             self.poison(&name, &e);
             return Err(AppendError::Io { name, source: e });
@@ -491,14 +501,14 @@ impl Core {
             return Err(AppendError::Io { name, source: e });
         }
         self.durable = self.durable.max(self.head);
-        let next = match create_segment(&*self.storage, &self.config, self.head.next(), record_bytes)
-        {
-            Ok(next) => next,
-            Err((name, e)) => {
-                self.poison(&name, &e);
-                return Err(AppendError::Io { name, source: e });
-            }
-        };
+        let next =
+            match create_segment(&*self.storage, &self.config, self.head.next(), record_bytes) {
+                Ok(next) => next,
+                Err((name, e)) => {
+                    self.poison(&name, &e);
+                    return Err(AppendError::Io { name, source: e });
+                }
+            };
         let old = std::mem::replace(&mut self.active, next);
         self.sealed.push(Sealed { id: old.id });
         self.stats.segments_created += 1;
@@ -803,12 +813,23 @@ fn scan_past_tear(
         }
         let last_chunk = at + n as u64 >= end;
         // Frames starting in the overlap are looked at again with the next chunk.
-        let starts = if last_chunk { n } else { n.saturating_sub(overlap) };
+        let starts = if last_chunk {
+            n
+        } else {
+            n.saturating_sub(overlap)
+        };
         for i in 0..starts {
             if data[i] != SYNC_MAGIC[0] || !data[i..].starts_with(&SYNC_MAGIC) {
                 continue;
             }
-            if let Ok((Frame::Sync { durable_seq, nonce: found }, _)) = decode_frame(&data[i..]) {
+            if let Ok((
+                Frame::Sync {
+                    durable_seq,
+                    nonce: found,
+                },
+                _,
+            )) = decode_frame(&data[i..])
+            {
                 if found == nonce && durable_seq >= seq {
                     return Ok((Some(durable_seq), nonzero_end));
                 }
@@ -837,7 +858,9 @@ impl Journal {
     /// header, verifies every record of the active segment, cuts a torn tail (reported in
     /// [`Journal::recovery`]) and refuses corruption.
     pub fn open(storage: impl IntoStorage, config: JournalConfig) -> Result<Journal, OpenError> {
-        let storage = storage.into_storage().map_err(io_open("journal directory"))?;
+        let storage = storage
+            .into_storage()
+            .map_err(io_open("journal directory"))?;
         let encoder = RecordEncoder::new(config.compression);
         Ok(Journal {
             core: Core::open(storage, config)?,

@@ -85,12 +85,16 @@ impl CheckpointMark {
         let mut at = 11;
         let mut tags = Vec::with_capacity(count);
         for _ in 0..count {
-            let len = bytes.get(at..at + 2).ok_or(invalid("tag length cut short"))?;
+            let len = bytes
+                .get(at..at + 2)
+                .ok_or(invalid("tag length cut short"))?;
             let len = usize::from(u16::from_le_bytes([len[0], len[1]]));
             if len == 0 || len > CHECKPOINT_TAG_BYTES_MAX {
                 return Err(invalid("a tag is empty or too long"));
             }
-            let tag = bytes.get(at + 2..at + 2 + len).ok_or(invalid("tag cut short"))?;
+            let tag = bytes
+                .get(at + 2..at + 2 + len)
+                .ok_or(invalid("tag cut short"))?;
             tags.push(String::from_utf8(tag.to_vec()).map_err(|_| invalid("a tag is not UTF-8"))?);
             at += 2 + len;
         }
@@ -119,7 +123,10 @@ mod tests {
         let bytes = mark.encode().unwrap();
         assert_eq!(CheckpointMark::decode(&bytes).unwrap(), mark);
         for cut in 0..bytes.len() {
-            assert!(CheckpointMark::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                CheckpointMark::decode(&bytes[..cut]).is_err(),
+                "cut at {cut}"
+            );
         }
         let mut longer = bytes.clone();
         longer.push(0);

@@ -253,10 +253,14 @@ impl MemStorage {
 
     /// Length of the last unsynced write (the range of [`Crash::TearLast`]).
     pub fn last_unsynced_write_bytes(&self) -> Option<usize> {
-        self.lock().unsynced.iter().rev().find_map(|p| match &p.change {
-            Change::Write { data, .. } => Some(data.len()),
-            Change::SetLen(_) => None,
-        })
+        self.lock()
+            .unsynced
+            .iter()
+            .rev()
+            .find_map(|p| match &p.change {
+                Change::Write { data, .. } => Some(data.len()),
+                Change::SetLen(_) => None,
+            })
     }
 
     /// The storage as it would be found after a power cut now: a new, independent storage
@@ -267,7 +271,12 @@ impl MemStorage {
         let mut images: HashMap<u64, Vec<u8>> = state
             .durable_dir
             .values()
-            .filter_map(|id| state.inodes.get(id).map(|inode| (*id, inode.durable.clone())))
+            .filter_map(|id| {
+                state
+                    .inodes
+                    .get(id)
+                    .map(|inode| (*id, inode.durable.clone()))
+            })
             .collect();
         match mode {
             Crash::DropUnsynced => {}
@@ -350,7 +359,8 @@ impl MemStorage {
         let Some(inode) = state.inodes.get_mut(&id) else {
             return false;
         };
-        let (Some(live), Some(durable)) = (inode.live.get_mut(offset), inode.durable.get_mut(offset))
+        let (Some(live), Some(durable)) =
+            (inode.live.get_mut(offset), inode.durable.get_mut(offset))
         else {
             return false;
         };
@@ -371,7 +381,10 @@ impl Storage for MemStorage {
         let mut state = self.lock();
         state.call(MemOp::Create)?;
         if state.live_dir.contains_key(name) {
-            return Err(io::Error::new(io::ErrorKind::AlreadyExists, name.to_string()));
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                name.to_string(),
+            ));
         }
         state.next_inode += 1;
         let inode = state.next_inode;
@@ -433,7 +446,9 @@ struct MemFile {
 
 impl std::fmt::Debug for MemFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemFile").field("inode", &self.inode).finish()
+        f.debug_struct("MemFile")
+            .field("inode", &self.inode)
+            .finish()
     }
 }
 

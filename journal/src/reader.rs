@@ -142,7 +142,7 @@ impl Scanner {
             }
             // A run of zeros up to the next block boundary is a gap left by recovery (appends
             // resume on a fresh block); skip it. Anywhere else zeros are no frame.
-            if at % SYNC_ALIGN_BYTES != 0 && head.len() >= 4 && head[..4] == [0; 4] {
+            if !at.is_multiple_of(SYNC_ALIGN_BYTES) && head.len() >= 4 && head[..4] == [0; 4] {
                 let gap = (SYNC_ALIGN_BYTES - at % SYNC_ALIGN_BYTES).min(left) as usize;
                 let bytes = self.bytes_at(at, gap)?;
                 if bytes.len() == gap && bytes.iter().all(|&b| b == 0) {

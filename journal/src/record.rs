@@ -437,8 +437,8 @@ pub fn decode_header(bytes: &[u8]) -> Result<RecordHeader, DecodeError> {
     if stored != computed {
         return Err(InvalidRecord::HeaderChecksum { stored, computed }.into());
     }
-    let kind = RecordKind::from_byte(head[6])
-        .ok_or(InvalidRecord::UnknownKind { byte: head[6] })?;
+    let kind =
+        RecordKind::from_byte(head[6]).ok_or(InvalidRecord::UnknownKind { byte: head[6] })?;
     let codec = Codec::from_byte(head[7]).ok_or(InvalidRecord::UnknownCodec { byte: head[7] })?;
     let bits = r.u16(8);
     let flags = Flags::from_bits(bits).ok_or(InvalidRecord::UnknownFlags { bits })?;
@@ -711,7 +711,10 @@ impl RecordDecoder {
 
     /// Decodes and fully verifies the record at the start of `bytes`: returns it with its
     /// plaintext payload (borrowed from `bytes` or from the decoder) and its stored length.
-    pub fn decode<'a>(&'a mut self, bytes: &'a [u8]) -> Result<(RecordRef<'a>, usize), DecodeError> {
+    pub fn decode<'a>(
+        &'a mut self,
+        bytes: &'a [u8],
+    ) -> Result<(RecordRef<'a>, usize), DecodeError> {
         let header = decode_header(bytes)?;
         let total = header.record_bytes();
         let Some(stored) = bytes.get(RECORD_HEADER_BYTES..total) else {
@@ -756,11 +759,11 @@ impl RecordDecoder {
                     // out-of-memory condition, treated like a failed Vec allocation (abort).
                     .get_or_insert_with(zstd::zstd_safe::DCtx::create);
                 let out = &mut self.scratch[..length];
-                let found = dctx
-                    .decompress(out, stored)
-                    .map_err(|code| InvalidRecord::Decompress {
-                        error: zstd::zstd_safe::get_error_name(code),
-                    })?;
+                let found =
+                    dctx.decompress(out, stored)
+                        .map_err(|code| InvalidRecord::Decompress {
+                            error: zstd::zstd_safe::get_error_name(code),
+                        })?;
                 if found != length {
                     return Err(InvalidRecord::DecompressedLength {
                         length: header.length,
@@ -858,10 +861,19 @@ mod tests {
         let cases: Vec<(Entry<'_>, Codec)> = vec![
             (entry(RecordKind::Write, 4096, 0, b""), Codec::None),
             (entry(RecordKind::Write, 512, 5, b"hello"), Codec::None),
-            (entry(RecordKind::Write, 0, text.len() as u32, &text), Codec::Zstd),
-            (entry(RecordKind::Write, 8192, noise.len() as u32, &noise), Codec::None),
+            (
+                entry(RecordKind::Write, 0, text.len() as u32, &text),
+                Codec::Zstd,
+            ),
+            (
+                entry(RecordKind::Write, 8192, noise.len() as u32, &noise),
+                Codec::None,
+            ),
             (entry(RecordKind::Trim, 1 << 30, 1 << 20, b""), Codec::None),
-            (entry(RecordKind::WriteZeroes, 0, u32::MAX, b""), Codec::None),
+            (
+                entry(RecordKind::WriteZeroes, 0, u32::MAX, b""),
+                Codec::None,
+            ),
             (entry(RecordKind::Flush, 0, 0, b""), Codec::None),
             (entry(RecordKind::Checkpoint, 0, 6, b"before"), Codec::None),
         ];
@@ -885,7 +897,10 @@ mod tests {
 
     #[test]
     fn header_layout_is_as_documented() {
-        let bytes = encode(&entry(RecordKind::Write, 0x0102, 3, b"abc"), Compression::None);
+        let bytes = encode(
+            &entry(RecordKind::Write, 0x0102, 3, b"abc"),
+            Compression::None,
+        );
         assert_eq!(&bytes[0..4], b"CDPR");
         assert_eq!(&bytes[4..6], &[1, 0]);
         assert_eq!(bytes[6], 1);
@@ -906,7 +921,10 @@ mod tests {
     #[test]
     fn every_prefix_is_incomplete() {
         let text = b"0123456789abcdef".repeat(64);
-        let bytes = encode(&entry(RecordKind::Write, 0, 1024, &text), Compression::default());
+        let bytes = encode(
+            &entry(RecordKind::Write, 0, 1024, &text),
+            Compression::default(),
+        );
         for cut in 0..bytes.len() {
             let need = if cut < RECORD_HEADER_BYTES {
                 RECORD_HEADER_BYTES
@@ -977,7 +995,12 @@ mod tests {
             })
         );
         assert_eq!(
-            bad(entry(RecordKind::Write, 0, RECORD_PAYLOAD_BYTES_MAX + 1, b"")),
+            bad(entry(
+                RecordKind::Write,
+                0,
+                RECORD_PAYLOAD_BYTES_MAX + 1,
+                b""
+            )),
             invalid(InvalidRecord::PayloadTooLarge {
                 length: RECORD_PAYLOAD_BYTES_MAX + 1
             })
@@ -988,10 +1011,7 @@ mod tests {
             Seq(0),
             Compression::None,
         );
-        assert_eq!(
-            ok,
-            invalid(InvalidRecord::SeqOutOfRange { seq: Seq(0) })
-        );
+        assert_eq!(ok, invalid(InvalidRecord::SeqOutOfRange { seq: Seq(0) }));
     }
 
     /// A header with a valid checksum but a rule broken must still be rejected: the decoder
@@ -1028,10 +1048,16 @@ mod tests {
         );
         let mut b = bytes.clone();
         b[6] = 9;
-        check(&reseal(b), Err(InvalidRecord::UnknownKind { byte: 9 }.into()));
+        check(
+            &reseal(b),
+            Err(InvalidRecord::UnknownKind { byte: 9 }.into()),
+        );
         let mut b = bytes.clone();
         b[8] = 2;
-        check(&reseal(b), Err(InvalidRecord::UnknownFlags { bits: 2 }.into()));
+        check(
+            &reseal(b),
+            Err(InvalidRecord::UnknownFlags { bits: 2 }.into()),
+        );
         let mut b = bytes.clone();
         b[11] = 1;
         check(&reseal(b), Err(InvalidRecord::ReservedNotZero.into()));
@@ -1052,7 +1078,10 @@ mod tests {
         check(&reseal(b), Err(InvalidRecord::PayloadHash.into()));
         let mut b = bytes;
         b[4] = 2;
-        check(&b, Err(InvalidRecord::UnsupportedVersion { version: 2 }.into()));
+        check(
+            &b,
+            Err(InvalidRecord::UnsupportedVersion { version: 2 }.into()),
+        );
     }
 
     /// A zstd frame that claims more output than the header's length is refused without
@@ -1098,7 +1127,9 @@ mod tests {
         assert!(!looks_incompressible(&text));
         assert!(!looks_incompressible(&random(ENTROPY_SAMPLE_BYTES - 1, 5)));
         assert!(!looks_incompressible(&[0u8; 4096]));
-        assert!(!looks_incompressible(&b"all work and no play makes jack. ".repeat(200)));
+        assert!(!looks_incompressible(
+            &b"all work and no play makes jack. ".repeat(200)
+        ));
         // Half zeros: compressible, and the sample sees it.
         let mut half = random(4096, 6);
         half[2048..].fill(0);
@@ -1116,7 +1147,10 @@ mod tests {
                 &entry(RecordKind::Write, 0, len as u32, &noise),
                 Compression::default(),
             );
-            check(&bytes, Ok((RecordKind::Write, Codec::None, RECORD_HEADER_BYTES + len)));
+            check(
+                &bytes,
+                Ok((RecordKind::Write, Codec::None, RECORD_HEADER_BYTES + len)),
+            );
         }
         // Compressible after an incompressible first probe is stored raw (documented cost of
         // the probe); compressible from the start is compressed.

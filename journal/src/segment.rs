@@ -117,9 +117,7 @@ impl SegmentId {
     pub fn decode_header(bytes: &[u8]) -> Result<SegmentHeader, InvalidSegmentHeader> {
         let head = bytes
             .get(..SEGMENT_HEADER_BYTES)
-            .ok_or(InvalidSegmentHeader::Short {
-                bytes: bytes.len(),
-            })?;
+            .ok_or(InvalidSegmentHeader::Short { bytes: bytes.len() })?;
         let magic: [u8; 4] = le_array(head, 0);
         if magic != SEGMENT_MAGIC {
             return Err(InvalidSegmentHeader::BadMagic { found: magic });
@@ -165,7 +163,10 @@ pub struct SegmentHeader {
 
 fn hex(digits: &str) -> Option<u64> {
     // Lowercase only: one spelling per name, so two names never denote the same segment.
-    if digits.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if digits
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         u64::from_str_radix(digits, 16).ok()
     } else {
         None
@@ -325,13 +326,25 @@ mod tests {
         check(&name, Some(id()));
         check(&id().tmp_file_name(), None);
         check(&name.to_uppercase().replace(".SEG", ".seg"), None);
-        check(&name.replace("-0000000000001234", "-0000000000000000"), None);
-        check(&name.replace("-0000000000001234", "-8000000000000001"), None);
+        check(
+            &name.replace("-0000000000001234", "-0000000000000000"),
+            None,
+        );
+        check(
+            &name.replace("-0000000000001234", "-8000000000000001"),
+            None,
+        );
         check(&name.replace("-0000000000001234", "-000000000001234"), None);
-        check(&name.replace("-0000000000001234", "+0000000000001234"), None);
+        check(
+            &name.replace("-0000000000001234", "+0000000000001234"),
+            None,
+        );
         check("", None);
         check(".seg", None);
-        check("é000000000000000000000000000000f-0000000000000002-0000000000001234.seg", None);
+        check(
+            "é000000000000000000000000000000f-0000000000000002-0000000000001234.seg",
+            None,
+        );
     }
 
     #[test]

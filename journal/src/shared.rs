@@ -109,10 +109,7 @@ impl SharedJournal {
             if !state.leader {
                 break;
             }
-            state = self
-                .synced
-                .wait(state)
-                .unwrap_or_else(|e| e.into_inner());
+            state = self.synced.wait(state).unwrap_or_else(|e| e.into_inner());
         }
         state.leader = true;
         drop(state);

@@ -17,8 +17,8 @@ use std::collections::VecDeque;
 use crate::record::{RecordDecoder, RecordHeader};
 use crate::types::{Generation, JobId, Seq, Timestamp};
 use crate::wire::{
-    Batch, CheckpointRequest, DiskInfo, Frame, Heartbeat, Hello, Mode, Refuse, RefuseCode,
-    Resend, ResendReason, Welcome, WIRE_VERSION,
+    Batch, CheckpointRequest, DiskInfo, Frame, Heartbeat, Hello, Mode, Refuse, RefuseCode, Resend,
+    ResendReason, Welcome, WIRE_VERSION,
 };
 
 /// Checkpoint requests the shipper holds for its driver, at most; more are dropped (the
@@ -732,12 +732,14 @@ impl Lander {
     fn record_fits(&self, header: &RecordHeader, expected: Seq) -> bool {
         // Checkpoint and flush records change no disk; every other record must name one of
         // the job's disks.
-        let disk_known = matches!(header.kind, crate::types::RecordKind::Checkpoint | crate::types::RecordKind::Flush)
-            || self
-                .state
-                .job
-                .as_ref()
-                .is_none_or(|j| j.disks.iter().any(|d| d.disk == header.disk));
+        let disk_known = matches!(
+            header.kind,
+            crate::types::RecordKind::Checkpoint | crate::types::RecordKind::Flush
+        ) || self
+            .state
+            .job
+            .as_ref()
+            .is_none_or(|j| j.disks.iter().any(|d| d.disk == header.disk));
         header.seq == expected && header.generation == self.generation && disk_known
     }
 
@@ -985,12 +987,22 @@ mod tests {
                 shipper
                     .handle_frame(frame)
                     .unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
-                assert!(shipper.acked_seq() >= highest_ack, "seed {seed}: ack went back");
+                assert!(
+                    shipper.acked_seq() >= highest_ack,
+                    "seed {seed}: ack went back"
+                );
                 highest_ack = shipper.acked_seq();
             }
         }
-        assert_eq!(landing_durable as u64, total, "seed {seed}: did not converge");
-        assert_eq!(shipper.acked_seq(), Seq(total), "seed {seed}: not all acked");
+        assert_eq!(
+            landing_durable as u64, total,
+            "seed {seed}: did not converge"
+        );
+        assert_eq!(
+            shipper.acked_seq(),
+            Seq(total),
+            "seed {seed}: not all acked"
+        );
         for (i, record) in landed.iter().enumerate() {
             assert_eq!(record, &source[i], "seed {seed}: record {} differs", i + 1);
         }

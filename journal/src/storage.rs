@@ -46,7 +46,11 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
 }
 
 /// Reads until `buf` is full or the file ends; returns the number of bytes read.
-pub(crate) fn read_full_at(file: &dyn StorageFile, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+pub(crate) fn read_full_at(
+    file: &dyn StorageFile,
+    buf: &mut [u8],
+    offset: u64,
+) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         let n = match file.read_at(&mut buf[done..], offset + done as u64) {

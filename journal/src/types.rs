@@ -277,9 +277,21 @@ mod tests {
         id[0] = 0xab;
         id[15] = 0x01;
         assert_eq!(JobId(id).to_string(), "ab000000000000000000000000000001");
-        assert_eq!(JobId::parse_hex("ab000000000000000000000000000001"), Some(JobId(id)));
-        assert_eq!(JobId::parse_hex("AB000000000000000000000000000001"), Some(JobId(id)));
-        for bad in ["", "ab", "ab00000000000000000000000000000g", "ab0000000000000000000000000000011", "é0000000000000000000000000000001"] {
+        assert_eq!(
+            JobId::parse_hex("ab000000000000000000000000000001"),
+            Some(JobId(id))
+        );
+        assert_eq!(
+            JobId::parse_hex("AB000000000000000000000000000001"),
+            Some(JobId(id))
+        );
+        for bad in [
+            "",
+            "ab",
+            "ab00000000000000000000000000000g",
+            "ab0000000000000000000000000000011",
+            "é0000000000000000000000000000001",
+        ] {
             assert_eq!(JobId::parse_hex(bad), None, "{bad:?}");
         }
     }

@@ -128,7 +128,10 @@ pub struct Batch {
 impl Batch {
     /// Seq of the last record of the batch.
     pub fn last_seq(&self) -> Seq {
-        Seq(self.first_seq.0.saturating_add(u64::from(self.count).saturating_sub(1)))
+        Seq(self
+            .first_seq
+            .0
+            .saturating_add(u64::from(self.count).saturating_sub(1)))
     }
 }
 
@@ -313,7 +316,9 @@ pub fn decode(bytes: &[u8]) -> Result<(Frame, usize), DecodeError> {
         return Err(DecodeError::Invalid("empty frame"));
     }
     if body_len > FRAME_BODY_BYTES_MAX {
-        return Err(DecodeError::Invalid("frame longer than the protocol allows"));
+        return Err(DecodeError::Invalid(
+            "frame longer than the protocol allows",
+        ));
     }
     let total = FRAME_PREFIX_BYTES + body_len;
     let Some(body) = bytes.get(FRAME_PREFIX_BYTES..total) else {
@@ -388,8 +393,7 @@ pub fn decode(bytes: &[u8]) -> Result<(Frame, usize), DecodeError> {
             if count == 0 {
                 return Err(DecodeError::Invalid("empty batch"));
             }
-            if first_seq < Seq::FIRST || first_seq.0.saturating_add(u64::from(count)) > Seq::MAX.0
-            {
+            if first_seq < Seq::FIRST || first_seq.0.saturating_add(u64::from(count)) > Seq::MAX.0 {
                 return Err(DecodeError::Invalid("batch seqs out of range"));
             }
             let records = r.rest().to_vec();

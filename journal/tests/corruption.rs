@@ -82,7 +82,11 @@ fn positions(image: &[u8]) -> Vec<(usize, Option<Seq>)> {
                 end,
             } => {
                 out.extend((start as usize..header_end as usize).map(|i| (i, None)));
-                out.extend((header_end as usize..end as usize).step_by(97).map(|i| (i, None)));
+                out.extend(
+                    (header_end as usize..end as usize)
+                        .step_by(97)
+                        .map(|i| (i, None)),
+                );
                 data_end = end as usize;
             }
         }
@@ -95,7 +99,10 @@ fn positions(image: &[u8]) -> Vec<(usize, Option<Seq>)> {
 fn flip_every_segment(close: bool) -> usize {
     let (base, model) = build(close);
     let names = base.file_names();
-    assert!(names.len() >= 3, "the journal spans several segments: {names:?}");
+    assert!(
+        names.len() >= 3,
+        "the journal spans several segments: {names:?}"
+    );
     let mut flips = 0;
     for name in &names {
         let image = base.file(name).unwrap();

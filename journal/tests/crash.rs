@@ -125,7 +125,10 @@ fn calls_in_full_run(op: MemOp) -> u64 {
 #[test]
 fn crash_at_every_fdatasync_and_every_byte_of_the_tail_batch() {
     let syncs = calls_in_full_run(MemOp::SyncData);
-    assert!(syncs >= 10, "the workload syncs, rolls over and creates segments");
+    assert!(
+        syncs >= 10,
+        "the workload syncs, rolls over and creates segments"
+    );
     let mut images = 0;
     let mut torn = 0;
     for n in 1..=syncs + 1 {
@@ -135,7 +138,11 @@ fn crash_at_every_fdatasync_and_every_byte_of_the_tail_batch() {
         let unsynced = storage.unsynced_write_bytes();
         for bytes in tear_points(unsynced) {
             let what = format!("halt at fdatasync {n}, keep {bytes} of {unsynced} bytes");
-            torn += usize::from(verify(storage.crash(Crash::KeepBytes(bytes)), &outcome, &what));
+            torn += usize::from(verify(
+                storage.crash(Crash::KeepBytes(bytes)),
+                &outcome,
+                &what,
+            ));
             images += 1;
         }
         if let Some(last) = storage.last_unsynced_write_bytes() {
@@ -148,7 +155,10 @@ fn crash_at_every_fdatasync_and_every_byte_of_the_tail_batch() {
         }
     }
     assert!(images > 1000, "enumerated {images} images");
-    assert!(torn > images / 2, "{torn} of {images} images had a torn tail");
+    assert!(
+        torn > images / 2,
+        "{torn} of {images} images had a torn tail"
+    );
 }
 
 #[test]

@@ -10,9 +10,7 @@ use std::os::unix::fs::FileExt;
 
 use common::{check_reads, config, Model, JOB};
 use journal::segment::SegmentId;
-use journal::{
-    Generation, JobId, Journal, JournalConfig, OpenError, ReadError, RecordKind, Seq,
-};
+use journal::{Generation, JobId, Journal, JournalConfig, OpenError, ReadError, RecordKind, Seq};
 
 fn segment_files(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
@@ -158,7 +156,11 @@ fn a_new_generation_starts_a_new_segment_and_an_old_one_is_refused() {
     let b = Model::write(100, 2, false);
     assert_eq!(journal.append(b.entry()).unwrap(), Seq(2));
     journal.sync().unwrap();
-    let records: Vec<_> = journal.reader(Seq(1)).unwrap().map(|r| r.unwrap()).collect();
+    let records: Vec<_> = journal
+        .reader(Seq(1))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
     assert_eq!(records[0].header.generation, Generation(1));
     assert_eq!(records[1].header.generation, Generation(2));
     drop(journal);
@@ -192,7 +194,10 @@ fn leftover_temporary_segment_is_removed_and_unknown_files_ignored() {
     fs::write(dir.path().join(id.tmp_file_name()), b"half made").unwrap();
     fs::write(dir.path().join("README"), b"not a segment").unwrap();
     let journal = Journal::open(dir.path(), config(64 << 10)).unwrap();
-    assert_eq!(journal.recovery().removed_tmp_files, vec![id.tmp_file_name()]);
+    assert_eq!(
+        journal.recovery().removed_tmp_files,
+        vec![id.tmp_file_name()]
+    );
     assert!(dir.path().join("README").exists());
 }
 
@@ -222,7 +227,13 @@ fn append_stored_keeps_records_as_shipped() {
     let mut source = Journal::open(source_dir.path(), config(16 << 10)).unwrap();
     let mut model = Vec::new();
     for i in 0..30u64 {
-        let record = Model::new(RecordKind::ALL[(i % 5) as usize], (i as usize * 1231) % 9000, i, i % 2 == 0, false);
+        let record = Model::new(
+            RecordKind::ALL[(i % 5) as usize],
+            (i as usize * 1231) % 9000,
+            i,
+            i % 2 == 0,
+            false,
+        );
         source.append(record.entry()).unwrap();
         model.push(record);
     }
@@ -237,11 +248,18 @@ fn append_stored_keeps_records_as_shipped() {
     let mut landing = Journal::open(landing_dir.path(), config(16 << 10)).unwrap();
     // Not the next seq: refused, and the journal stays usable.
     let err = landing.append_stored(&stored[1]).unwrap_err();
-    assert!(err.to_string().contains("seq 2, the journal expects 1"), "{err}");
+    assert!(
+        err.to_string().contains("seq 2, the journal expects 1"),
+        "{err}"
+    );
     // Trailing bytes: refused.
     let mut longer = stored[0].clone();
     longer.push(0);
-    assert!(landing.append_stored(&longer).unwrap_err().to_string().contains("header says"));
+    assert!(landing
+        .append_stored(&longer)
+        .unwrap_err()
+        .to_string()
+        .contains("header says"));
     // A damaged header: refused.
     let mut damaged = stored[0].clone();
     damaged[30] ^= 1;

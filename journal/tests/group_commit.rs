@@ -12,8 +12,7 @@ use std::thread;
 
 use common::{config, Model};
 use journal::{
-    Crash, DiskId, Entry, Journal, MemStorage, Seq, SharedJournal, Storage, StorageFile,
-    Timestamp,
+    Crash, DiskId, Entry, Journal, MemStorage, Seq, SharedJournal, Storage, StorageFile, Timestamp,
 };
 
 const THREADS: u64 = 4;
@@ -52,10 +51,18 @@ fn check_all(journal: &SharedJournal, written: &[(u64, u64, Seq)]) {
     let total = THREADS * PER_THREAD;
     let mut seqs: Vec<Seq> = written.iter().map(|w| w.2).collect();
     seqs.sort();
-    assert_eq!(seqs, (1..=total).map(Seq).collect::<Vec<_>>(), "dense, unique");
+    assert_eq!(
+        seqs,
+        (1..=total).map(Seq).collect::<Vec<_>>(),
+        "dense, unique"
+    );
     let mut by_seq = written.to_vec();
     by_seq.sort_by_key(|w| w.2);
-    let records: Vec<_> = journal.reader(Seq(1)).unwrap().map(|r| r.unwrap()).collect();
+    let records: Vec<_> = journal
+        .reader(Seq(1))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
     assert_eq!(records.len() as u64, total);
     for (record, (t, i, seq)) in records.iter().zip(by_seq) {
         assert_eq!(record.header.seq, seq);
@@ -205,7 +212,11 @@ fn appends_and_rollover_continue_during_a_leaders_fdatasync() {
         inner: memory.clone(),
         gate: gate.clone(),
     });
-    let journal = Arc::new(Journal::open(storage, config(16 << 10)).unwrap().into_shared());
+    let journal = Arc::new(
+        Journal::open(storage, config(16 << 10))
+            .unwrap()
+            .into_shared(),
+    );
     let mut model = Vec::new();
     let first = Model::write(3000, 1, false);
     let seq = journal.append(first.entry()).unwrap();
@@ -225,7 +236,10 @@ fn appends_and_rollover_continue_during_a_leaders_fdatasync() {
         journal.append(record.entry()).unwrap();
         model.push(record);
     }
-    assert!(journal.stats().segments_created > segments_before, "rolled over");
+    assert!(
+        journal.stats().segments_created > segments_before,
+        "rolled over"
+    );
     assert_eq!(journal.head_seq(), Seq(13));
     gate.open();
     assert!(leader.join().unwrap().unwrap() >= seq);

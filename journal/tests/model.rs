@@ -101,7 +101,11 @@ fn run(segment_bytes_max: u64, compression: Compression, actions: Vec<Action>) {
                 drop(journal);
                 storage = storage.crash(Crash::DropUnsynced);
                 journal = Journal::open(storage.clone(), config.clone()).unwrap();
-                assert_eq!(journal.head_seq(), durable, "exactly the durable records survive");
+                assert_eq!(
+                    journal.head_seq(),
+                    durable,
+                    "exactly the durable records survive"
+                );
                 model.truncate(durable.0 as usize);
             }
             Action::Read(fraction) => {

@@ -20,7 +20,10 @@ fn assert_poisoned(journal: &mut Journal) {
     ));
     assert!(matches!(journal.sync(), Err(SyncError::Poisoned { .. })));
     assert!(matches!(journal.sync(), Err(SyncError::Poisoned { .. })));
-    assert!(matches!(journal.trim(Seq(5)), Err(TrimError::Poisoned { .. })));
+    assert!(matches!(
+        journal.trim(Seq(5)),
+        Err(TrimError::Poisoned { .. })
+    ));
     assert!(matches!(
         journal.reader(Seq(1)),
         Err(ReadError::Poisoned { .. })
@@ -49,7 +52,11 @@ fn fsync_error_poisons_and_is_never_retried() {
         Err(SyncError::Io { name, .. }) => assert!(name.ends_with(".seg"), "{name}"),
         other => panic!("{other:?}"),
     }
-    assert_eq!(journal.durable_seq(), Seq(3), "a failed fsync makes nothing durable");
+    assert_eq!(
+        journal.durable_seq(),
+        Seq(3),
+        "a failed fsync makes nothing durable"
+    );
     assert_poisoned(&mut journal);
     assert_eq!(
         storage.op_count(MemOp::SyncData),
@@ -132,7 +139,10 @@ fn shared_journal_fsync_error_fails_every_waiter() {
     assert_eq!(journal.wait_durable(seq).unwrap(), seq);
     let seq = journal.append(record.entry()).unwrap();
     storage.fail(MemOp::SyncData, 1);
-    assert!(matches!(journal.wait_durable(seq), Err(SyncError::Io { .. })));
+    assert!(matches!(
+        journal.wait_durable(seq),
+        Err(SyncError::Io { .. })
+    ));
     assert!(matches!(
         journal.wait_durable(seq),
         Err(SyncError::Poisoned { .. })

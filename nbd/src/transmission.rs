@@ -79,7 +79,7 @@ impl BlockSizes {
                 "preferred block size must be a power of two of at least max(minimum, 512)",
             );
         }
-        if self.max_bytes % self.min_bytes != 0 || self.max_bytes < self.preferred_bytes {
+        if !self.max_bytes.is_multiple_of(self.min_bytes) || self.max_bytes < self.preferred_bytes {
             return Err("maximum block size must be a multiple of the minimum and at least the preferred size");
         }
         Ok(())

@@ -27,6 +27,7 @@ use crate::backing::{BlockDevice, FileDevice};
 use crate::chain::DiskChain;
 use crate::config::{AgentConfig, ConfigError, ReplicationSettings};
 use crate::metrics::AgentMetrics;
+use crate::redo::{run_backing_sync, BackingDevices, BackingWatermark};
 use crate::registry::{DataDirLock, Registry, RegistryError};
 use crate::replicate::{client_bind_addr, run_shipper, Replication, ShipperSetup};
 use crate::server::{serve_tcp, serve_unix, Export, ServerContext, ServerEvents};
@@ -162,6 +163,8 @@ pub struct Agent {
     /// The shipper's setup and the journal it reads, when replication is configured.
     shipping: Option<(ShipperSetup, Arc<SharedJournal>)>,
     replication: Option<Arc<Replication>>,
+    /// The backing disks and their synced watermark, when the agent owns its journal.
+    backing_sync: Option<(Arc<BackingWatermark>, BackingDevices)>,
     _lock: DataDirLock,
 }
 
@@ -200,7 +203,7 @@ impl Agent {
                 };
             let size_bytes = device.size_bytes();
             let min = u64::from(disk.block_sizes.min_bytes);
-            if size_bytes == 0 || size_bytes % min != 0 {
+            if size_bytes == 0 || !size_bytes.is_multiple_of(min) {
                 return Err(StartError::DiskSize {
                     name: disk.name.clone(),
                     size_bytes,
@@ -223,10 +226,41 @@ impl Agent {
                 sink
             }
         };
+        // The journal is the source of truth: before serving, every record it holds is
+        // applied again to its backing disk (a crash may have cut a backing write short).
+        let mut watermark = None;
+        if let Some(journal) = &shared_journal {
+            let devices: BTreeMap<journal::DiskId, (String, Arc<dyn BlockDevice>)> = opened
+                .iter()
+                .map(|(disk, device, id)| (*id, (disk.name.clone(), Arc::clone(device))))
+                .collect();
+            let j = Arc::clone(journal);
+            let done = tokio::task::spawn_blocking(move || crate::redo::redo(&j, &devices))
+                .await
+                .map_err(|e| StartError::Journal {
+                    path: data_dir.join(crate::journal_sink::JOURNAL_DIR),
+                    message: format!("redo task failed: {e}"),
+                })?
+                .map_err(|message| StartError::Journal {
+                    path: data_dir.join(crate::journal_sink::JOURNAL_DIR),
+                    message,
+                })?;
+            if done.records > 0 {
+                tracing::info!(records = done.records, bytes = done.bytes, head = %done.head, "backing disks brought up to the journal");
+            }
+            watermark = Some(Arc::new(BackingWatermark::new(done.head)));
+        }
+        let backing_sync = watermark.clone().map(|w| {
+            let devices = opened
+                .iter()
+                .map(|(disk, device, _)| (disk.name.clone(), Arc::clone(device)))
+                .collect();
+            (w, devices)
+        });
         let mut shipping = None;
         let mut replication = None;
         if let Some(settings) = &config.replication {
-            let journal = shared_journal.ok_or_else(|| {
+            let journal = shared_journal.clone().ok_or_else(|| {
                 StartError::Replication("replication needs the agent's own journal".into())
             })?;
             let job = JobInfo {
@@ -246,7 +280,8 @@ impl Agent {
                     })
                     .collect(),
             };
-            let setup = shipper_setup(data_dir, settings, job)?;
+            let mut setup = shipper_setup(data_dir, settings, job)?;
+            setup.backing = watermark.clone();
             replication = Some(Arc::new(Replication::new(
                 setup.job.mode,
                 Duration::from_millis(settings.sync_ack_timeout_ms),
@@ -265,7 +300,8 @@ impl Agent {
         for (disk, device, id) in opened {
             let chain = Arc::new(
                 DiskChain::new(id, &disk.name, &disk.chain, device, &sink, &metrics)
-                    .with_replication(replication.clone()),
+                    .with_replication(replication.clone())
+                    .with_watermark(watermark.clone()),
             );
             let filters: Vec<&str> = disk.chain.iter().map(|f| f.name()).collect();
             ctx.add_export(Export {
@@ -343,6 +379,7 @@ impl Agent {
             job_hex: registry.job_hex(),
             shipping,
             replication,
+            backing_sync,
             _lock: lock,
         })
     }
@@ -392,6 +429,9 @@ impl Agent {
         });
 
         let (ship_stop, ship_stop_rx) = watch::channel(false);
+        let backing_sync = self.backing_sync.map(|(watermark, devices)| {
+            tokio::spawn(run_backing_sync(watermark, devices, ship_stop_rx.clone()))
+        });
         let shipper = self.shipping.map(|(setup, journal)| {
             tracing::info!(target = %setup.target, job = %setup.job.job_name, mode = ?setup.job.mode, "replicating");
             let replication = self.replication.clone();
@@ -442,6 +482,12 @@ impl Agent {
             let _ = ship_stop.send(true);
             if let Err(e) = shipper.await {
                 tracing::warn!(error = %e, "shipper task failed");
+            }
+        }
+        let _ = ship_stop.send(true);
+        if let Some(task) = backing_sync {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "backing sync task failed");
             }
         }
         if let Some(server) = metrics_server {
@@ -529,6 +575,7 @@ fn shipper_setup(
         },
         fault,
         checkpoint_hook: settings.checkpoint_hook.clone(),
+        backing: None,
     })
 }
 

@@ -24,6 +24,7 @@ use crate::backing::BlockDevice;
 use crate::filter::FilterKind;
 use crate::metrics::{AgentMetrics, DiskStats};
 use crate::ranges::RangeLocks;
+use crate::redo::BackingWatermark;
 use crate::replicate::Replication;
 use crate::sink::{DiskId, RecordKind, RecordSink, Seq, SinkEntry, SinkError, Timestamp};
 
@@ -103,6 +104,8 @@ pub struct DiskChain {
     /// The job's replication, when the journal is shipped: told of every append, and in
     /// sync mode waited on before a write is acknowledged.
     replication: Option<Arc<Replication>>,
+    /// Which journaled records reached the backing disk (shared by every disk of the job).
+    watermark: Option<Arc<BackingWatermark>>,
 }
 
 impl DiskChain {
@@ -131,7 +134,14 @@ impl DiskChain {
             stages,
             device,
             replication: None,
+            watermark: None,
         }
+    }
+
+    /// The same chain, registering its appends and completed backing writes with `watermark`.
+    pub fn with_watermark(mut self, watermark: Option<Arc<BackingWatermark>>) -> Self {
+        self.watermark = watermark;
+        self
     }
 
     /// The same chain, telling `replication` of every append and (sync mode) waiting for
@@ -158,7 +168,11 @@ impl DiskChain {
 
     /// Carries out `op`; returns the data of a read. `payload` is the data of a write (empty
     /// otherwise) and must be exactly as long as the write.
-    pub async fn execute(&self, op: Operation, payload: Vec<u8>) -> Result<Option<Vec<u8>>, OpError> {
+    pub async fn execute(
+        &self,
+        op: Operation,
+        payload: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, OpError> {
         if let Operation::Write { length, .. } = op {
             assert_eq!(payload.len(), length as usize, "write payload length");
         }
@@ -237,55 +251,68 @@ impl DiskChain {
         };
         let end = offset.saturating_add(u64::from(length));
         let range = ranges.lock(offset, end).await;
-        let seq: Seq = {
+        let seqs: Vec<Seq> = {
             let sink = Arc::clone(sink);
             let payload = Arc::clone(&request.payload);
             let (disk, timestamp) = (self.id, request.timestamp);
+            let watermark = self.watermark.clone();
             self.blocking(move || {
-                if kind == RecordKind::Write {
-                    return sink.append(&SinkEntry {
-                        disk,
-                        kind,
-                        offset,
-                        length,
-                        payload: &payload,
-                        fua,
-                        timestamp,
-                    });
+                let append = || -> Result<Vec<Seq>, SinkError> {
+                    if kind == RecordKind::Write {
+                        return Ok(vec![sink.append(&SinkEntry {
+                            disk,
+                            kind,
+                            offset,
+                            length,
+                            payload: &payload,
+                            fua,
+                            timestamp,
+                        })?]);
+                    }
+                    // A large trim or zeroing becomes several records of at most
+                    // ZEROING_RECORD_BYTES_MAX, consecutive seqs under one range lock, so
+                    // the appliance's applier never holds more than that of before-images
+                    // for one record. The last seq stands for the request.
+                    let mut seqs = Vec::new();
+                    let mut at = offset;
+                    let end = offset + u64::from(length);
+                    while at < end {
+                        let part = (end - at).min(ZEROING_RECORD_BYTES_MAX);
+                        seqs.push(sink.append(&SinkEntry {
+                            disk,
+                            kind,
+                            offset: at,
+                            length: part as u32,
+                            payload: &[],
+                            fua,
+                            timestamp,
+                        })?);
+                        at += part;
+                    }
+                    Ok(seqs)
+                };
+                match &watermark {
+                    Some(w) => w.append(append),
+                    None => append(),
                 }
-                // A large trim or zeroing becomes several records of at most
-                // ZEROING_RECORD_BYTES_MAX, consecutive seqs under one range lock, so the
-                // appliance's applier never holds more than that of before-images for one
-                // record. The last seq stands for the request.
-                let mut at = offset;
-                let end = offset + u64::from(length);
-                let mut seq = Seq::NONE;
-                while at < end {
-                    let part = (end - at).min(ZEROING_RECORD_BYTES_MAX);
-                    seq = sink.append(&SinkEntry {
-                        disk,
-                        kind,
-                        offset: at,
-                        length: part as u32,
-                        payload: &[],
-                        fua,
-                        timestamp,
-                    })?;
-                    at += part;
-                }
-                Ok(seq)
             })
             .await?
             .map_err(|source| self.journal_error(source))?
         };
+        let seq = seqs.last().copied().unwrap_or(Seq::NONE);
         if let Some(replication) = &self.replication {
             replication.notify_appended();
         }
         let result = self.run(index + 1, request).await;
-        drop(range);
         if let Err(e) = &result {
-            tracing::error!(disk = %self.name, %seq, error = %e, "journaled write failed on the backing disk");
+            tracing::error!(disk = %self.name, %seq, error = %e, "journaled write failed on the backing disk; journaling what the disk holds now");
+            self.reconcile(sink, offset, length, request.timestamp)
+                .await;
         }
+        if let Some(w) = &self.watermark {
+            w.complete(&seqs);
+        }
+        drop(range);
         let data = result?;
         if fua {
             let sink = Arc::clone(sink);
@@ -297,6 +324,72 @@ impl DiskChain {
             replication.wait_acked(seq).await;
         }
         Ok(data)
+    }
+
+    /// After a backing write failed (the client gets the error), journals what the backing
+    /// disk holds now over the request's range, so the replica ends as the source did rather
+    /// than with the write the source refused. Runs under the request's range lock. If the
+    /// range cannot be read back either, the disk is failing: it is logged, nothing more can
+    /// be done here.
+    async fn reconcile(
+        &self,
+        sink: &Arc<dyn RecordSink>,
+        offset: u64,
+        length: u32,
+        timestamp: Timestamp,
+    ) {
+        let device = Arc::clone(&self.device);
+        let sink = Arc::clone(sink);
+        let (disk, watermark) = (self.id, self.watermark.clone());
+        let result = self
+            .blocking(move || -> Result<Seq, String> {
+                let mut at = offset;
+                let end = offset + u64::from(length);
+                let mut seq = Seq::NONE;
+                while at < end {
+                    let part = (end - at).min(ZEROING_RECORD_BYTES_MAX) as usize;
+                    let mut data = vec![0u8; part];
+                    device
+                        .read_at(&mut data, at)
+                        .map_err(|e| format!("reading the range back: {e}"))?;
+                    let append = || -> Result<Vec<Seq>, SinkError> {
+                        Ok(vec![sink.append(&SinkEntry {
+                            disk,
+                            kind: RecordKind::Write,
+                            offset: at,
+                            length: part as u32,
+                            payload: &data,
+                            fua: false,
+                            timestamp,
+                        })?])
+                    };
+                    // The data came from the disk: it is on the disk already.
+                    let seqs = match &watermark {
+                        Some(w) => {
+                            let seqs = w.append(append).map_err(|e| e.to_string())?;
+                            w.complete(&seqs);
+                            seqs
+                        }
+                        None => append().map_err(|e| e.to_string())?,
+                    };
+                    seq = seqs.last().copied().unwrap_or(seq);
+                    at += part as u64;
+                }
+                Ok(seq)
+            })
+            .await;
+        match result {
+            Ok(Ok(seq)) => {
+                tracing::warn!(disk = %self.name, offset, length, %seq, "journaled the backing disk's content after a failed write")
+            }
+            Ok(Err(e)) => {
+                tracing::error!(disk = %self.name, offset, length, error = %e, "could not journal the range after a failed write: source and replica may differ there")
+            }
+            Err(e) => tracing::error!(disk = %self.name, error = %e, "reconcile task failed"),
+        }
+        if let Some(replication) = &self.replication {
+            replication.notify_appended();
+        }
     }
 
     async fn backing(&self, request: &Request) -> Result<Option<Vec<u8>>, OpError> {
@@ -407,28 +500,63 @@ mod tests {
     #[tokio::test]
     async fn write_is_journaled_then_applied() {
         let f = fixture();
-        let op = Operation::Write { offset: 4096, length: 3, fua: false };
+        let op = Operation::Write {
+            offset: 4096,
+            length: 3,
+            fua: false,
+        };
         assert_eq!(f.chain.execute(op, b"abc".to_vec()).await.unwrap(), None);
         let records = f.sink.records();
         assert_eq!(records.len(), 1);
-        assert_eq!((records[0].seq, records[0].disk, records[0].kind), (Seq(1), DiskId(3), RecordKind::Write));
+        assert_eq!(
+            (records[0].seq, records[0].disk, records[0].kind),
+            (Seq(1), DiskId(3), RecordKind::Write)
+        );
         assert_eq!(records[0].payload, b"abc");
         assert_eq!(&f.device.live()[4096..4099], b"abc");
         assert_eq!(f.sink.durable_seq(), Seq(0), "no FUA, no sync");
         assert_eq!(f.device.syncs(), 0);
-        let read = f.chain.execute(Operation::Read { offset: 4096, length: 3 }, Vec::new()).await.unwrap();
+        let read = f
+            .chain
+            .execute(
+                Operation::Read {
+                    offset: 4096,
+                    length: 3,
+                },
+                Vec::new(),
+            )
+            .await
+            .unwrap();
         assert_eq!(read.as_deref(), Some(&b"abc"[..]));
-        assert!(f.metrics.render().contains("cdp_disk_writes_total{disk=\"d0\"} 1"));
+        assert!(f
+            .metrics
+            .render()
+            .contains("cdp_disk_writes_total{disk=\"d0\"} 1"));
     }
 
     #[tokio::test]
     async fn fua_makes_journal_and_disk_durable() {
         let f = fixture();
-        let op = Operation::WriteZeroes { offset: 0, length: 512, fua: true, no_hole: true };
+        let op = Operation::WriteZeroes {
+            offset: 0,
+            length: 512,
+            fua: true,
+            no_hole: true,
+        };
         f.chain.execute(op, Vec::new()).await.unwrap();
         assert_eq!(f.sink.durable_seq(), Seq(1));
         assert_eq!(f.device.syncs(), 1);
-        f.chain.execute(Operation::Write { offset: 0, length: 1, fua: false }, vec![7]).await.unwrap();
+        f.chain
+            .execute(
+                Operation::Write {
+                    offset: 0,
+                    length: 1,
+                    fua: false,
+                },
+                vec![7],
+            )
+            .await
+            .unwrap();
         assert_eq!(f.sink.durable_seq(), Seq(1));
         f.chain.execute(Operation::Flush, Vec::new()).await.unwrap();
         assert_eq!(f.sink.durable_seq(), Seq(2));
@@ -441,13 +569,23 @@ mod tests {
         f.sink.inject(Some(SinkFault::Append));
         let err = f
             .chain
-            .execute(Operation::Write { offset: 0, length: 2, fua: false }, vec![1, 2])
+            .execute(
+                Operation::Write {
+                    offset: 0,
+                    length: 2,
+                    fua: false,
+                },
+                vec![1, 2],
+            )
             .await
             .unwrap_err();
         assert_eq!(err.nbd_error(), ErrorCode::EIO);
         assert_eq!(f.device.writes(), 0);
         assert!(f.sink.records().is_empty());
-        assert!(f.metrics.render().contains("cdp_disk_errors_total{disk=\"d0\",op=\"write\"} 1"));
+        assert!(f
+            .metrics
+            .render()
+            .contains("cdp_disk_errors_total{disk=\"d0\",op=\"write\"} 1"));
     }
 
     #[tokio::test]
@@ -456,7 +594,14 @@ mod tests {
         f.device.inject(Some(Fault::Write));
         let err = f
             .chain
-            .execute(Operation::Trim { offset: 0, length: 512, fua: false }, Vec::new())
+            .execute(
+                Operation::Trim {
+                    offset: 0,
+                    length: 512,
+                    fua: false,
+                },
+                Vec::new(),
+            )
             .await
             .unwrap_err();
         assert_eq!(err.nbd_error(), ErrorCode::EIO);

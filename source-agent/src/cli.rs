@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the configured disks until SIGINT or SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Rebuild a disk's image from the journal.
     Replay(ReplayArgs),
     /// Pair with an appliance using the bundle `cdp-receiver pair` printed.
@@ -154,17 +154,23 @@ pub async fn pair(args: &PairArgs) -> Result<transport::PinnedPeer, PairCommandE
         path: args.bundle.clone(),
         source,
     })?;
-    let bundle = transport::PairingBundle::decode(&text).map_err(|e| PairCommandError::Pair(e.to_string()))?;
+    let bundle = transport::PairingBundle::decode(&text)
+        .map_err(|e| PairCommandError::Pair(e.to_string()))?;
     let name = match &args.name {
         Some(name) => name.clone(),
         None => host_name(),
     };
-    let name = transport::PeerName::new(&name).map_err(|e| PairCommandError::Pair(format!("--name {name:?}: {e}")))?;
+    let name = transport::PeerName::new(&name)
+        .map_err(|e| PairCommandError::Pair(format!("--name {name:?}: {e}")))?;
     transport::fsutil::create_private_dir(&args.data_dir)
         .map_err(|e| PairCommandError::Pair(format!("{}: {e}", args.data_dir.display())))?;
     let data = transport::DataDir::new(&args.data_dir);
-    let identity = data.identity().map_err(|e| PairCommandError::Pair(format!("identity: {e}")))?;
-    let trust = data.trust_store().map_err(|e| PairCommandError::Pair(format!("trust store: {e}")))?;
+    let identity = data
+        .identity()
+        .map_err(|e| PairCommandError::Pair(format!("identity: {e}")))?;
+    let trust = data
+        .trust_store()
+        .map_err(|e| PairCommandError::Pair(format!("trust store: {e}")))?;
     transport::pair_agent(&bundle, &identity, &name, &trust, &transport::SystemClock)
         .await
         .map_err(|e| PairCommandError::Pair(e.to_string()))
@@ -209,11 +215,23 @@ mod tests {
              [[disk]]\nname = \"vm1\"\npath = \"/img/vm1\"\n",
         )
         .unwrap();
-        let from_file = run_config(&["cdp-agent", "run", "--config", file.to_str().unwrap()]).unwrap();
+        let from_file =
+            run_config(&["cdp-agent", "run", "--config", file.to_str().unwrap()]).unwrap();
         let from_flags = run_config(&[
-            "cdp-agent", "run", "--data-dir", "/var/lib/cdp", "--nbd-listen", "127.0.0.1:0",
-            "--nbd-socket", "/run/a.sock", "--metrics-listen", "127.0.0.1:9187", "--filters", "journal",
-            "--disk", "vm1=/img/vm1",
+            "cdp-agent",
+            "run",
+            "--data-dir",
+            "/var/lib/cdp",
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--nbd-socket",
+            "/run/a.sock",
+            "--metrics-listen",
+            "127.0.0.1:9187",
+            "--filters",
+            "journal",
+            "--disk",
+            "vm1=/img/vm1",
         ])
         .unwrap();
         assert_eq!(from_file, from_flags);
@@ -233,6 +251,14 @@ mod tests {
             run_config(&["cdp-agent", "run", "--data-dir", "d", "--disk", "x"]).unwrap_err(),
             "--disk \"x\": expected NAME=PATH"
         );
-        assert!(run_config(&["cdp-agent", "run", "--data-dir", "d", "--nbd-listen", "localhost"]).is_err());
+        assert!(run_config(&[
+            "cdp-agent",
+            "run",
+            "--data-dir",
+            "d",
+            "--nbd-listen",
+            "localhost"
+        ])
+        .is_err());
     }
 }

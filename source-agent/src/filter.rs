@@ -45,10 +45,14 @@ pub enum ChainError {
     #[error("filter `{0}` appears twice")]
     Duplicate(String),
     /// No `journal` filter.
-    #[error("the chain must end with `journal`: a disk whose writes are not journaled is not protected")]
+    #[error(
+        "the chain must end with `journal`: a disk whose writes are not journaled is not protected"
+    )]
     NoJournal,
     /// `journal` is not the last filter.
-    #[error("`journal` must be the last filter (next to the backing disk), found `{after}` after it")]
+    #[error(
+        "`journal` must be the last filter (next to the backing disk), found `{after}` after it"
+    )]
     JournalNotLast {
         /// The first filter found after `journal`.
         after: String,
@@ -111,9 +115,21 @@ mod tests {
         );
         check("stats,stats,journal", Err("filter `stats` appears twice"));
         check("journal,journal", Err("filter `journal` appears twice"));
-        check("stats,compress,journal", Err("unknown filter `compress` (known: stats, journal)"));
-        check("Stats,journal", Err("unknown filter `Stats` (known: stats, journal)"));
-        check("encrypt,journal", Err("filter `encrypt` is not available in this version"));
-        check("stats,journal,replicate", Err("filter `replicate` is not available in this version"));
+        check(
+            "stats,compress,journal",
+            Err("unknown filter `compress` (known: stats, journal)"),
+        );
+        check(
+            "Stats,journal",
+            Err("unknown filter `Stats` (known: stats, journal)"),
+        );
+        check(
+            "encrypt,journal",
+            Err("filter `encrypt` is not available in this version"),
+        );
+        check(
+            "stats,journal,replicate",
+            Err("filter `replicate` is not available in this version"),
+        );
     }
 }

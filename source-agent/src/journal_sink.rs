@@ -7,7 +7,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use journal::{Compression, Entry, Flags, Generation, JobId, Journal, JournalConfig, SharedJournal};
+use journal::{
+    Compression, Entry, Flags, Generation, JobId, Journal, JournalConfig, SharedJournal,
+};
 
 use crate::agent::StartError;
 use crate::config::JournalSettings;
@@ -43,7 +45,10 @@ pub fn open(
         }
     })?;
     if let Some(torn) = &journal.recovery().torn_tail {
-        tracing::warn!(?torn, "journal had a torn tail (a crash interrupted a write); it was cut");
+        tracing::warn!(
+            ?torn,
+            "journal had a torn tail (a crash interrupted a write); it was cut"
+        );
     }
     tracing::info!(
         path = %dir.display(),
@@ -92,7 +97,9 @@ impl RecordSink for JournalSink {
     }
 
     fn sync(&self) -> Result<Seq, SinkError> {
-        self.journal.sync().map_err(|e| SinkError::Journal(e.to_string()))
+        self.journal
+            .sync()
+            .map_err(|e| SinkError::Journal(e.to_string()))
     }
 
     fn head_seq(&self) -> Seq {

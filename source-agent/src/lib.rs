@@ -7,7 +7,8 @@
 //! handshake and transmission), [`chain`] and [`filter`] (the
 //! filter chain), [`backing`] (the backing-disk trait, from the `blockdev` crate), [`sink`] and [`journal_sink`] (the
 //! journal), [`ranges`] (write ordering), [`registry`] (stable disk ids), [`metrics`],
-//! [`replay`], [`replicate`] (shipping the journal to the appliance: the driver of
+//! [`replay`], [`redo`] (the backing disks kept in step with the journal: redo at start,
+//! the synced watermark that bounds trimming), [`replicate`] (shipping the journal to the appliance: the driver of
 //! `journal::ship::Shipper`).
 //!
 //! Must never acknowledge a write that is not in the journal, and never let client input
@@ -25,6 +26,7 @@ pub mod filter;
 pub mod journal_sink;
 pub mod metrics;
 pub mod ranges;
+pub mod redo;
 pub mod registry;
 pub mod replay;
 pub mod replicate;

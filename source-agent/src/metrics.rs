@@ -126,37 +126,101 @@ impl AgentMetrics {
         };
         let r = &mut m.registry;
         r.register("cdp_disk_reads", "Reads served, per disk", m.reads.clone());
-        r.register("cdp_disk_read_bytes", "Bytes read, per disk", m.read_bytes.clone());
-        r.register("cdp_disk_writes", "Writes acknowledged, per disk", m.writes.clone());
-        r.register("cdp_disk_write_bytes", "Bytes written, per disk", m.write_bytes.clone());
-        r.register("cdp_disk_trims", "Trims acknowledged, per disk", m.trims.clone());
-        r.register("cdp_disk_write_zeroes", "Write-zeroes acknowledged, per disk", m.write_zeroes.clone());
-        r.register("cdp_disk_flushes", "Flushes acknowledged, per disk", m.flushes.clone());
-        r.register("cdp_disk_errors", "Operations that failed with an I/O or journal error", m.errors.clone());
-        r.register("cdp_disk_read_latency_seconds", "Read latency through the filter chain", m.read_latency.clone());
+        r.register(
+            "cdp_disk_read_bytes",
+            "Bytes read, per disk",
+            m.read_bytes.clone(),
+        );
+        r.register(
+            "cdp_disk_writes",
+            "Writes acknowledged, per disk",
+            m.writes.clone(),
+        );
+        r.register(
+            "cdp_disk_write_bytes",
+            "Bytes written, per disk",
+            m.write_bytes.clone(),
+        );
+        r.register(
+            "cdp_disk_trims",
+            "Trims acknowledged, per disk",
+            m.trims.clone(),
+        );
+        r.register(
+            "cdp_disk_write_zeroes",
+            "Write-zeroes acknowledged, per disk",
+            m.write_zeroes.clone(),
+        );
+        r.register(
+            "cdp_disk_flushes",
+            "Flushes acknowledged, per disk",
+            m.flushes.clone(),
+        );
+        r.register(
+            "cdp_disk_errors",
+            "Operations that failed with an I/O or journal error",
+            m.errors.clone(),
+        );
+        r.register(
+            "cdp_disk_read_latency_seconds",
+            "Read latency through the filter chain",
+            m.read_latency.clone(),
+        );
         r.register(
             "cdp_disk_write_latency_seconds",
             "Write, trim and write-zeroes latency through the filter chain (journal and backing disk)",
             m.write_latency.clone(),
         );
-        r.register("cdp_disk_flush_latency_seconds", "Flush latency", m.flush_latency.clone());
-        r.register("cdp_disk_request_bytes", "Request sizes, per disk and operation", m.request_bytes.clone());
+        r.register(
+            "cdp_disk_flush_latency_seconds",
+            "Flush latency",
+            m.flush_latency.clone(),
+        );
+        r.register(
+            "cdp_disk_request_bytes",
+            "Request sizes, per disk and operation",
+            m.request_bytes.clone(),
+        );
         r.register(
             "cdp_nbd_rejected_requests",
             "Requests answered with an NBD error before reaching the filter chain",
             m.rejected.clone(),
         );
-        r.register("cdp_journal_head_seq", "Last seq appended to the job's journal", m.head_seq.clone());
-        r.register("cdp_journal_durable_seq", "Last seq known durable in the job's journal", m.durable_seq.clone());
-        r.register("cdp_nbd_connections", "Open NBD connections", m.connections.clone());
-        r.register("cdp_acked_seq", "Last seq the appliance acknowledged durable", m.acked_seq.clone());
+        r.register(
+            "cdp_journal_head_seq",
+            "Last seq appended to the job's journal",
+            m.head_seq.clone(),
+        );
+        r.register(
+            "cdp_journal_durable_seq",
+            "Last seq known durable in the job's journal",
+            m.durable_seq.clone(),
+        );
+        r.register(
+            "cdp_nbd_connections",
+            "Open NBD connections",
+            m.connections.clone(),
+        );
+        r.register(
+            "cdp_acked_seq",
+            "Last seq the appliance acknowledged durable",
+            m.acked_seq.clone(),
+        );
         r.register(
             "cdp_rpo_seconds",
             "Age of the oldest write not yet durable at the appliance, on the agent's clock (0 when none)",
             m.rpo_seconds.clone(),
         );
-        r.register("cdp_lag_records", "Journal records the appliance has not acknowledged", m.lag_records.clone());
-        r.register("cdp_lag_bytes", "Stored bytes shipped and not yet acknowledged", m.lag_bytes.clone());
+        r.register(
+            "cdp_lag_records",
+            "Journal records the appliance has not acknowledged",
+            m.lag_records.clone(),
+        );
+        r.register(
+            "cdp_lag_bytes",
+            "Stored bytes shipped and not yet acknowledged",
+            m.lag_bytes.clone(),
+        );
         r.register(
             "cdp_shipped_bytes",
             "Stored record bytes shipped to the appliance (resends included)",
@@ -167,7 +231,11 @@ impl AgentMetrics {
             "UDP bytes sent on replication connections (QUIC and TLS overhead and retransmissions included)",
             m.wire_bytes.clone(),
         );
-        r.register("cdp_job_state", "1 for the job's current replication state, 0 for the others", m.job_state.clone());
+        r.register(
+            "cdp_job_state",
+            "1 for the job's current replication state, 0 for the others",
+            m.job_state.clone(),
+        );
         r.register(
             "cdp_sync_degraded",
             "1 while a sync-mode job acknowledges writes after the local journal only (the appliance did not ack in time)",
@@ -215,7 +283,9 @@ impl AgentMetrics {
 
     /// Records the journal's seqs for job `job`.
     pub fn set_journal(&self, job: &str, head: u64, durable: u64) {
-        let label = JobLabel { job: job.to_owned() };
+        let label = JobLabel {
+            job: job.to_owned(),
+        };
         self.head_seq
             .get_or_create(&label)
             .set(i64::try_from(head).unwrap_or(i64::MAX));
@@ -225,26 +295,42 @@ impl AgentMetrics {
     }
 
     /// Samples the job's replication status (at scrape time).
-    pub fn set_replication(&self, job: &str, replication: &crate::replicate::Replication, head: journal::Seq) {
-        let label = JobLabel { job: job.to_owned() };
+    pub fn set_replication(
+        &self,
+        job: &str,
+        replication: &crate::replicate::Replication,
+        head: journal::Seq,
+    ) {
+        let label = JobLabel {
+            job: job.to_owned(),
+        };
         let status = replication.status();
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        self.acked_seq.get_or_create(&label).set(as_i64(status.acked.0));
+        self.acked_seq
+            .get_or_create(&label)
+            .set(as_i64(status.acked.0));
         self.rpo_seconds
             .get_or_create(&label)
             .set(replication.rpo_seconds(crate::replicate::now_micros(), head));
         self.lag_records
             .get_or_create(&label)
             .set(as_i64(head.0.saturating_sub(status.acked.0)));
-        self.lag_bytes.get_or_create(&label).set(as_i64(status.lag_bytes));
-        raise_to(&self.shipped_bytes.get_or_create(&label), status.shipped_bytes);
+        self.lag_bytes
+            .get_or_create(&label)
+            .set(as_i64(status.lag_bytes));
+        raise_to(
+            &self.shipped_bytes.get_or_create(&label),
+            status.shipped_bytes,
+        );
         raise_to(&self.wire_bytes.get_or_create(&label), status.wire_bytes);
         for state in crate::replicate::LinkState::ALL {
             let label = JobStateLabel {
                 job: job.to_owned(),
                 state: state.name().to_owned(),
             };
-            self.job_state.get_or_create(&label).set(i64::from(state == status.state));
+            self.job_state
+                .get_or_create(&label)
+                .set(i64::from(state == status.state));
         }
         self.sync_degraded
             .get_or_create(&label)
@@ -331,6 +417,14 @@ impl DiskStats {
     }
 }
 
+/// Raises a counter to `total` (the replication status holds the running totals).
+fn raise_to(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,9 +433,32 @@ mod tests {
     fn renders_the_documented_names() {
         let metrics = AgentMetrics::new();
         let stats = metrics.disk_stats("vm1");
-        stats.record(&Operation::Write { offset: 0, length: 4096, fua: false }, true, Duration::from_micros(80));
-        stats.record(&Operation::Write { offset: 0, length: 512, fua: true }, true, Duration::from_millis(2));
-        stats.record(&Operation::Read { offset: 0, length: 8192 }, true, Duration::from_micros(10));
+        stats.record(
+            &Operation::Write {
+                offset: 0,
+                length: 4096,
+                fua: false,
+            },
+            true,
+            Duration::from_micros(80),
+        );
+        stats.record(
+            &Operation::Write {
+                offset: 0,
+                length: 512,
+                fua: true,
+            },
+            true,
+            Duration::from_millis(2),
+        );
+        stats.record(
+            &Operation::Read {
+                offset: 0,
+                length: 8192,
+            },
+            true,
+            Duration::from_micros(10),
+        );
         stats.record(&Operation::Flush, false, Duration::ZERO);
         metrics.set_journal("ab12", 7, 5);
         metrics.rejected("vm1", nbd::ErrorCode::EINVAL);
@@ -358,15 +475,10 @@ mod tests {
             "cdp_journal_durable_seq{job=\"ab12\"} 5",
             "cdp_nbd_rejected_requests_total{disk=\"vm1\",error=\"EINVAL\"} 1",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
-    }
-}
-
-/// Raises a counter to `total` (the replication status holds the running totals).
-fn raise_to(counter: &Counter, total: u64) {
-    let now = counter.get();
-    if total > now {
-        counter.inc_by(total - now);
     }
 }

@@ -140,10 +140,12 @@ impl Registry {
             path: path.clone(),
             message: e.message().to_owned(),
         })?;
-        let job = journal::JobId::parse_hex(&file.job).map(|id| id.0).ok_or_else(|| RegistryError::BadJobId {
-            path: path.clone(),
-            job: file.job.clone(),
-        })?;
+        let job = journal::JobId::parse_hex(&file.job)
+            .map(|id| id.0)
+            .ok_or_else(|| RegistryError::BadJobId {
+                path: path.clone(),
+                job: file.job.clone(),
+            })?;
         Ok(Self {
             path,
             job,
@@ -179,7 +181,12 @@ impl Registry {
     }
 
     /// The id of disk `name`, registering it with `size_bytes` if new; refuses a size change.
-    pub fn register(&mut self, name: &str, size_bytes: u64, path: &Path) -> Result<DiskId, RegistryError> {
+    pub fn register(
+        &mut self,
+        name: &str,
+        size_bytes: u64,
+        path: &Path,
+    ) -> Result<DiskId, RegistryError> {
         if let Some(disk) = self.disks.iter_mut().find(|d| d.name == name) {
             if disk.size_bytes != size_bytes {
                 return Err(RegistryError::SizeChanged {
@@ -279,11 +286,21 @@ mod tests {
 
         let mut again = Registry::load_or_new(dir.path()).unwrap();
         assert_eq!(again.job(), job);
-        assert_eq!(again.register("b", 8192, Path::new("/moved")).unwrap(), DiskId(2));
+        assert_eq!(
+            again.register("b", 8192, Path::new("/moved")).unwrap(),
+            DiskId(2)
+        );
         assert_eq!(again.register("c", 1, Path::new("/c")).unwrap(), DiskId(3));
-        assert_eq!(again.register("a", 4096, Path::new("/a")).unwrap(), DiskId(1));
+        assert_eq!(
+            again.register("a", 4096, Path::new("/a")).unwrap(),
+            DiskId(1)
+        );
         let err = again.register("a", 8192, Path::new("/a")).unwrap_err();
-        assert!(err.to_string().contains("resizing a protected disk is not supported"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("resizing a protected disk is not supported"),
+            "{err}"
+        );
         again.save().unwrap();
         let loaded = Registry::load(dir.path()).unwrap();
         assert_eq!(loaded.disk("b").unwrap().path, PathBuf::from("/moved"));
@@ -293,17 +310,30 @@ mod tests {
     #[test]
     fn bad_tables_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(REGISTRY_FILE), "job = \"xyz\"\ngeneration = 1\n").unwrap();
-        assert!(Registry::load(dir.path()).unwrap_err().to_string().contains("not 32 hexadecimal digits"));
+        std::fs::write(
+            dir.path().join(REGISTRY_FILE),
+            "job = \"xyz\"\ngeneration = 1\n",
+        )
+        .unwrap();
+        assert!(Registry::load(dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("not 32 hexadecimal digits"));
         std::fs::write(dir.path().join(REGISTRY_FILE), "jobs = 1\n").unwrap();
-        assert!(matches!(Registry::load(dir.path()), Err(RegistryError::Parse { .. })));
+        assert!(matches!(
+            Registry::load(dir.path()),
+            Err(RegistryError::Parse { .. })
+        ));
     }
 
     #[test]
     fn one_agent_per_data_dir() {
         let dir = tempfile::tempdir().unwrap();
         let held = DataDirLock::acquire(dir.path()).unwrap();
-        assert!(matches!(DataDirLock::acquire(dir.path()), Err(RegistryError::Locked { .. })));
+        assert!(matches!(
+            DataDirLock::acquire(dir.path()),
+            Err(RegistryError::Locked { .. })
+        ));
         drop(held);
         DataDirLock::acquire(dir.path()).unwrap();
     }

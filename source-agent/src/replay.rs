@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use journal::{Journal, ReadError};
 use thiserror::Error;
 
-use blockdev::{BlockDevice, FileDevice};
 use crate::config::JournalSettings;
 use crate::journal_sink::{journal_config, JOURNAL_DIR};
 use crate::registry::{DataDirLock, Registry, RegistryError};
 use crate::sink::{RecordKind, Seq};
+use blockdev::{BlockDevice, FileDevice};
 
 /// Interval between progress lines.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -132,11 +132,14 @@ pub fn replay(
     let image = FileDevice::open(out).map_err(io(out))?;
 
     // The journal's own settings only matter for writing; replay reads.
-    let journal = Journal::open(&journal_dir, journal_config(&registry, &JournalSettings::default()))
-        .map_err(|e| ReplayError::Open {
-            path: journal_dir.clone(),
-            message: e.to_string(),
-        })?;
+    let journal = Journal::open(
+        &journal_dir,
+        journal_config(&registry, &JournalSettings::default()),
+    )
+    .map_err(|e| ReplayError::Open {
+        path: journal_dir.clone(),
+        message: e.to_string(),
+    })?;
     let first = journal.first_seq();
     let head = journal.head_seq();
     if first > Seq::FIRST && base.is_none() {
@@ -159,7 +162,12 @@ pub fn replay(
     while let Some(rec) = reader.next_record()? {
         let h = rec.header;
         summary.last_seq = h.seq;
-        if h.disk.0 != record.id || !matches!(h.kind, RecordKind::Write | RecordKind::Trim | RecordKind::WriteZeroes) {
+        if h.disk.0 != record.id
+            || !matches!(
+                h.kind,
+                RecordKind::Write | RecordKind::Trim | RecordKind::WriteZeroes
+            )
+        {
             continue;
         }
         summary.bytes += blockdev::apply_record(&image, &h, rec.payload).map_err(|e| match e {

@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use journal::ship::{JobInfo, ReadDone, ReadRequest, ShipError, Shipper, ShipperConfig, ShipperState};
+use journal::ship::{
+    JobInfo, ReadDone, ReadRequest, ShipError, Shipper, ShipperConfig, ShipperState,
+};
 use journal::wire::Mode;
 use journal::{ReadError, Seq, SharedJournal, SyncError, Timestamp};
 use tokio::sync::{watch, Notify};
@@ -154,7 +156,8 @@ impl Replication {
             return;
         }
         let mut acked = self.acked.subscribe();
-        let waited = tokio::time::timeout(self.sync_ack_timeout, acked.wait_for(|a| *a >= seq)).await;
+        let waited =
+            tokio::time::timeout(self.sync_ack_timeout, acked.wait_for(|a| *a >= seq)).await;
         if waited.is_err() && !self.degraded.swap(true, Ordering::AcqRel) {
             tracing::warn!(
                 %seq,
@@ -181,9 +184,9 @@ impl Replication {
         if head <= status.acked {
             return 0.0;
         }
-        status
-            .oldest_unacked
-            .map_or(0.0, |(_, t)| now_micros.saturating_sub(t.unix_micros()) as f64 / 1e6)
+        status.oldest_unacked.map_or(0.0, |(_, t)| {
+            now_micros.saturating_sub(t.unix_micros()) as f64 / 1e6
+        })
     }
 
     fn update(&self, f: impl FnOnce(&mut ShipStatus)) {
@@ -224,12 +227,17 @@ pub struct ShipperSetup {
     /// Run as `HOOK freeze` before and `HOOK thaw` after an application-consistent
     /// checkpoint (for example a guest agent's fsfreeze).
     pub checkpoint_hook: Option<std::path::PathBuf>,
+    /// The backing disks' synced watermark: the journal is never trimmed above it.
+    pub backing: Option<Arc<crate::redo::BackingWatermark>>,
 }
 
 /// Runs `hook ARG` with a deadline; whether it exited 0.
 async fn run_hook(hook: &std::path::Path, arg: &str) -> bool {
     let mut command = tokio::process::Command::new(hook);
-    command.arg(arg).kill_on_drop(true).stdin(std::process::Stdio::null());
+    command
+        .arg(arg)
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null());
     match tokio::time::timeout(CHECKPOINT_HOOK_TIMEOUT, command.status()).await {
         Ok(Ok(status)) if status.success() => true,
         Ok(Ok(status)) => {
@@ -352,6 +360,8 @@ pub async fn run_shipper(
                             connection: &connection,
                             wire_before,
                             hook: setup.checkpoint_hook.as_deref(),
+                            backing: setup.backing.as_deref(),
+                            trimmed_to: Seq::NONE,
                         };
                         link.stream(&mut tx, &mut rx, &mut stop).await
                     }
@@ -391,7 +401,8 @@ pub async fn run_shipper(
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             refresh_oldest_unacked(&journal, &replication, shipper.acked_seq()).await;
-            let tick = tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + TICK_INTERVAL));
+            let tick =
+                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + TICK_INTERVAL));
             tokio::select! {
                 _ = tick => {}
                 _ = stop.changed() => break,
@@ -405,7 +416,11 @@ pub async fn run_shipper(
 }
 
 /// Looks up the timestamp of the oldest unacknowledged record when it changed.
-async fn refresh_oldest_unacked(journal: &Arc<SharedJournal>, replication: &Replication, acked: Seq) {
+async fn refresh_oldest_unacked(
+    journal: &Arc<SharedJournal>,
+    replication: &Replication,
+    acked: Seq,
+) {
     let next = acked.next();
     let known = replication.status().oldest_unacked.map(|(seq, _)| seq);
     if journal.head_seq() < next {
@@ -434,13 +449,23 @@ struct Link<'a> {
     connection: &'a transport::Connection,
     wire_before: u64,
     hook: Option<&'a std::path::Path>,
+    backing: Option<&'a crate::redo::BackingWatermark>,
+    /// The journal was last trimmed below this seq on this connection.
+    trimmed_to: Seq,
 }
 
 impl Link<'_> {
-    async fn stream(&mut self, tx: &mut FrameSender, rx: &mut FrameReceiver, stop: &mut watch::Receiver<bool>) -> End {
+    async fn stream(
+        &mut self,
+        tx: &mut FrameSender,
+        rx: &mut FrameReceiver,
+        stop: &mut watch::Receiver<bool>,
+    ) -> End {
         match self.stream_inner(tx, rx, stop).await {
             Ok(end) => end,
-            Err(LinkError::Ship(ShipError::Refused { code, message })) => End::Refused(format!("{code:?}: {message}")),
+            Err(LinkError::Ship(ShipError::Refused { code, message })) => {
+                End::Refused(format!("{code:?}: {message}"))
+            }
             Err(e) => End::Failed(e.to_string()),
         }
     }
@@ -452,8 +477,11 @@ impl Link<'_> {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<End, LinkError> {
         let journal = self.journal;
-        self.shipper
-            .handle_journal(journal.first_seq(), journal.head_seq(), journal.durable_seq());
+        self.shipper.handle_journal(
+            journal.first_seq(),
+            journal.head_seq(),
+            journal.durable_seq(),
+        );
         self.shipper.handle_connected();
         let mut read_task: Option<JoinHandle<Result<Option<ReadDone>, ReadError>>> = None;
         let mut sync_task: Option<JoinHandle<Result<Seq, SyncError>>> = None;
@@ -463,7 +491,8 @@ impl Link<'_> {
         let mut streaming = false;
         loop {
             let head = journal.head_seq();
-            self.shipper.handle_journal(journal.first_seq(), head, journal.durable_seq());
+            self.shipper
+                .handle_journal(journal.first_seq(), head, journal.durable_seq());
             if sync_task.is_none() && head > journal.durable_seq() {
                 let j = Arc::clone(journal);
                 sync_task = Some(tokio::task::spawn_blocking(move || j.sync()));
@@ -471,14 +500,24 @@ impl Link<'_> {
             if read_task.is_none() {
                 if let Some(request) = self.shipper.poll_read() {
                     let j = Arc::clone(journal);
-                    read_task = Some(tokio::task::spawn_blocking(move || read_records(&j, request)));
+                    read_task = Some(tokio::task::spawn_blocking(move || {
+                        read_records(&j, request)
+                    }));
                 }
             }
             while let Some(frame) = self.shipper.poll_transmit() {
                 tx.send(&frame).await?;
             }
             if trim_task.as_ref().is_none_or(|t| t.is_finished()) {
-                if let Some(up_to) = self.shipper.poll_trim() {
+                // Below what the appliance acknowledged, and below what the backing disks
+                // hold durably (the redo after a crash needs everything above that).
+                let _ = self.shipper.poll_trim();
+                let mut up_to = self.shipper.acked_seq().next();
+                if let Some(backing) = self.backing {
+                    up_to = up_to.min(backing.synced().next());
+                }
+                if up_to > self.trimmed_to {
+                    self.trimmed_to = up_to;
                     let j = Arc::clone(journal);
                     trim_task = Some(tokio::task::spawn_blocking(move || {
                         if let Err(e) = j.trim(up_to) {
@@ -495,8 +534,12 @@ impl Link<'_> {
                     s.reason = None;
                 });
             }
-            self.replication.publish_acked(self.shipper.acked_seq(), head);
-            let (shipped, inflight) = (self.shipper.shipped_bytes_total(), self.shipper.inflight_bytes());
+            self.replication
+                .publish_acked(self.shipper.acked_seq(), head);
+            let (shipped, inflight) = (
+                self.shipper.shipped_bytes_total(),
+                self.shipper.inflight_bytes(),
+            );
             let wire = self.wire_before + self.connection.udp_sent_bytes();
             self.replication.update(|s| {
                 s.acked = s.acked.max(self.shipper.acked_seq());
@@ -557,7 +600,10 @@ async fn join<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::Joi
 }
 
 /// Reads the records a [`ReadRequest`] asks for, exactly as stored.
-fn read_records(journal: &SharedJournal, request: ReadRequest) -> Result<Option<ReadDone>, ReadError> {
+fn read_records(
+    journal: &SharedJournal,
+    request: ReadRequest,
+) -> Result<Option<ReadDone>, ReadError> {
     let mut reader = journal.raw_reader(request.from)?;
     let mut records = Vec::new();
     let mut count = 0u32;

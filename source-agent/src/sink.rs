@@ -103,7 +103,10 @@ impl MemSink {
 
     /// A copy of every record appended.
     pub fn records(&self) -> Vec<MemRecord> {
-        self.records.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn fails(&self, kind: SinkFault) -> Result<(), SinkError> {

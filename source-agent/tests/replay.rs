@@ -31,7 +31,7 @@ const DISK: u64 = 2 << 20;
 /// writes from different connections overlap while in flight.
 async fn workload(harness: &Harness, disk: &str, seed: u64, batches: usize) {
     let mut rng = Rng(seed);
-    let mut client = harness.client(disk, seed % 2 == 0).await;
+    let mut client = harness.client(disk, seed.is_multiple_of(2)).await;
     for _ in 0..batches {
         let mut sent = 0;
         for _ in 0..16 {
@@ -41,13 +41,25 @@ async fn workload(harness: &Harness, disk: &str, seed: u64, batches: usize) {
             let fua = (rng.below(8) == 0) as u16;
             match rng.below(10) {
                 0 => client.send(Command::Trim, fua, offset, length, &[]).await,
-                1 => client.send(Command::WriteZeroes, fua | 2 * (rng.below(2) as u16), offset, length, &[]).await,
+                1 => {
+                    client
+                        .send(
+                            Command::WriteZeroes,
+                            fua | (2 * (rng.below(2) as u16)),
+                            offset,
+                            length,
+                            &[],
+                        )
+                        .await
+                }
                 2 => client.send(Command::Flush, 0, 0, 0, &[]).await,
                 3 => client.send(Command::Read, 0, offset, length, &[]).await,
                 _ => {
                     let byte = rng.next() as u8;
                     let payload: Vec<u8> = (0..length).map(|i| byte ^ (i as u8)).collect();
-                    client.send(Command::Write, fua, offset, length, &payload).await
+                    client
+                        .send(Command::Write, fua, offset, length, &payload)
+                        .await
                 }
             };
             sent += 1;
@@ -84,13 +96,22 @@ async fn replay_reproduces_the_backing_files_exactly() {
     for ((name, backing), base) in disks.iter().zip(&bases) {
         let out = dir.join(format!("{name}.replayed.img"));
         let mut lines = Vec::new();
-        let summary = replay(&data_dir, name, &out, Some(base), &mut |l| lines.push(l.to_owned())).unwrap();
+        let summary = replay(&data_dir, name, &out, Some(base), &mut |l| {
+            lines.push(l.to_owned())
+        })
+        .unwrap();
         assert!(summary.records > 100, "{name}: {summary:?}");
         assert_eq!(summary.last_seq, head);
-        assert!(lines.last().unwrap().starts_with("replay: done"), "{lines:?}");
+        assert!(
+            lines.last().unwrap().starts_with("replay: done"),
+            "{lines:?}"
+        );
         let expected = blake3::hash(&std::fs::read(backing).unwrap());
         let got = blake3::hash(&std::fs::read(&out).unwrap());
-        assert_eq!(got, expected, "disk {name}: replay differs from the backing file");
+        assert_eq!(
+            got, expected,
+            "disk {name}: replay differs from the backing file"
+        );
     }
 }
 
@@ -104,13 +125,29 @@ async fn replay_from_zeroes_and_its_refusals() {
     let mut client = harness.client("d0", true).await;
     for i in 0..8u64 {
         let payload = vec![i as u8 + 1; 8192];
-        assert_eq!(client.call(Command::Write, 0, i * 65536, 8192, &payload).await.error, ErrorCode::OK);
+        assert_eq!(
+            client
+                .call(Command::Write, 0, i * 65536, 8192, &payload)
+                .await
+                .error,
+            ErrorCode::OK
+        );
     }
-    assert_eq!(client.call(Command::WriteZeroes, 0, 65536, 4096, &[]).await.error, ErrorCode::OK);
+    assert_eq!(
+        client
+            .call(Command::WriteZeroes, 0, 65536, 4096, &[])
+            .await
+            .error,
+        ErrorCode::OK
+    );
     let out = harness.dir.path().join("d0.replayed.img");
     // An agent holds the data directory: refused.
     let err = replay(&harness.config.data_dir, "d0", &out, None, &mut |_| {}).unwrap_err();
-    assert!(err.to_string().contains("another cdp-agent is using this data directory"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("another cdp-agent is using this data directory"),
+        "{err}"
+    );
     let data_dir = harness.config.data_dir.clone();
     let backing = harness.backing("d0").to_owned();
     let wrong_base = harness.dir.path().join("small.img");
@@ -123,5 +160,8 @@ async fn replay_from_zeroes_and_its_refusals() {
     assert!(err.to_string().contains("base image"), "{err}");
     let summary = replay(&data_dir, "d0", &out, None, &mut |_| {}).unwrap();
     assert_eq!(summary.records, 9);
-    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&backing).unwrap());
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&backing).unwrap()
+    );
 }

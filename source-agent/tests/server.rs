@@ -10,7 +10,10 @@ mod common;
 use std::sync::Arc;
 
 use common::{bounded, Client, GatedDevice, Harness, Setup};
-use nbd::{ClientOption, Command, ErrorCode, ExportQuery, OptionCode, OptionHeader, ReplyType, TransmissionFlags};
+use nbd::{
+    ClientOption, Command, ErrorCode, ExportQuery, OptionCode, OptionHeader, ReplyType,
+    TransmissionFlags,
+};
 use source_agent::sink::{MemSink, Seq, SinkFault};
 use source_agent::Overrides;
 
@@ -42,29 +45,165 @@ fn cases() -> Vec<Case> {
     };
     use Command::*;
     vec![
-        case("write past end", Write, 0, DISK - 512, 1024, 1024, ErrorCode::ENOSPC),
-        case("write starting past end", Write, 0, DISK, 512, 512, ErrorCode::ENOSPC),
-        case("write offset overflow", Write, 0, u64::MAX - 511, 1024, 1024, ErrorCode::ENOSPC),
-        case("write-zeroes past end", WriteZeroes, 0, DISK - 512, 1024, 0, ErrorCode::ENOSPC),
+        case(
+            "write past end",
+            Write,
+            0,
+            DISK - 512,
+            1024,
+            1024,
+            ErrorCode::ENOSPC,
+        ),
+        case(
+            "write starting past end",
+            Write,
+            0,
+            DISK,
+            512,
+            512,
+            ErrorCode::ENOSPC,
+        ),
+        case(
+            "write offset overflow",
+            Write,
+            0,
+            u64::MAX - 511,
+            1024,
+            1024,
+            ErrorCode::ENOSPC,
+        ),
+        case(
+            "write-zeroes past end",
+            WriteZeroes,
+            0,
+            DISK - 512,
+            1024,
+            0,
+            ErrorCode::ENOSPC,
+        ),
         case("read past end", Read, 0, DISK, 512, 0, ErrorCode::EINVAL),
-        case("trim past end", Trim, 0, DISK - 512, 4096, 0, ErrorCode::EINVAL),
+        case(
+            "trim past end",
+            Trim,
+            0,
+            DISK - 512,
+            4096,
+            0,
+            ErrorCode::EINVAL,
+        ),
         case("zero-length write", Write, 0, 0, 0, 0, ErrorCode::OK),
         case("zero-length read", Read, 0, 4096, 0, 0, ErrorCode::OK),
         case("zero-length trim", Trim, 0, 0, 0, 0, ErrorCode::OK),
-        case("zero-length write-zeroes", WriteZeroes, 0, 0, 0, 0, ErrorCode::OK),
-        case("misaligned write offset", Write, 0, 100, 512, 512, ErrorCode::EINVAL),
-        case("misaligned write length", Write, 0, 0, 100, 100, ErrorCode::EINVAL),
+        case(
+            "zero-length write-zeroes",
+            WriteZeroes,
+            0,
+            0,
+            0,
+            0,
+            ErrorCode::OK,
+        ),
+        case(
+            "misaligned write offset",
+            Write,
+            0,
+            100,
+            512,
+            512,
+            ErrorCode::EINVAL,
+        ),
+        case(
+            "misaligned write length",
+            Write,
+            0,
+            0,
+            100,
+            100,
+            ErrorCode::EINVAL,
+        ),
         case("misaligned read", Read, 0, 1, 512, 0, ErrorCode::EINVAL),
         case("misaligned trim", Trim, 0, 512, 513, 0, ErrorCode::EINVAL),
-        case("misaligned write-zeroes", WriteZeroes, 0, 3, 512, 0, ErrorCode::EINVAL),
-        case("read larger than max", Read, 0, 0, MAX + 512, 0, ErrorCode::EINVAL),
-        case("write larger than max", Write, 0, 0, MAX + 512, (MAX + 512) as usize, ErrorCode::EINVAL),
-        case("unknown command", Other(42), 0, 0, 512, 0, ErrorCode::EINVAL),
-        case("cache (not advertised)", Cache, 0, 0, 512, 0, ErrorCode::EINVAL),
-        case("block status (no meta context)", BlockStatus, 0, 0, 512, 0, ErrorCode::EINVAL),
-        case("unknown command flag", Write, 0x40, 0, 512, 512, ErrorCode::EINVAL),
-        case("NO_HOLE on a write", Write, 2, 0, 512, 512, ErrorCode::EINVAL),
-        case("FAST_ZERO not advertised", WriteZeroes, 16, 0, 512, 0, ErrorCode::EINVAL),
+        case(
+            "misaligned write-zeroes",
+            WriteZeroes,
+            0,
+            3,
+            512,
+            0,
+            ErrorCode::EINVAL,
+        ),
+        case(
+            "read larger than max",
+            Read,
+            0,
+            0,
+            MAX + 512,
+            0,
+            ErrorCode::EINVAL,
+        ),
+        case(
+            "write larger than max",
+            Write,
+            0,
+            0,
+            MAX + 512,
+            (MAX + 512) as usize,
+            ErrorCode::EINVAL,
+        ),
+        case(
+            "unknown command",
+            Other(42),
+            0,
+            0,
+            512,
+            0,
+            ErrorCode::EINVAL,
+        ),
+        case(
+            "cache (not advertised)",
+            Cache,
+            0,
+            0,
+            512,
+            0,
+            ErrorCode::EINVAL,
+        ),
+        case(
+            "block status (no meta context)",
+            BlockStatus,
+            0,
+            0,
+            512,
+            0,
+            ErrorCode::EINVAL,
+        ),
+        case(
+            "unknown command flag",
+            Write,
+            0x40,
+            0,
+            512,
+            512,
+            ErrorCode::EINVAL,
+        ),
+        case(
+            "NO_HOLE on a write",
+            Write,
+            2,
+            0,
+            512,
+            512,
+            ErrorCode::EINVAL,
+        ),
+        case(
+            "FAST_ZERO not advertised",
+            WriteZeroes,
+            16,
+            0,
+            512,
+            0,
+            ErrorCode::EINVAL,
+        ),
     ]
 }
 
@@ -78,9 +217,18 @@ async fn bad_requests(structured: bool) {
         let reply = client
             .call(case.command, case.flags, case.offset, case.length, &payload)
             .await;
-        assert_eq!(reply.error, case.expected, "{} (structured {structured})", case.name);
+        assert_eq!(
+            reply.error, case.expected,
+            "{} (structured {structured})",
+            case.name
+        );
         assert!(reply.data.is_empty(), "{}: data in reply", case.name);
-        assert_eq!(harness.state(), before, "{} changed the disk or the journal", case.name);
+        assert_eq!(
+            harness.state(),
+            before,
+            "{} changed the disk or the journal",
+            case.name
+        );
     }
     // The stream stayed in sync: a valid request on the same connection still works.
     let reply = client.call(Command::Read, 0, 0, 4096, &[]).await;
@@ -127,7 +275,10 @@ async fn bad_options_get_exact_errors() {
     }
     .encode(&mut list_with_data);
     client.send_raw(&list_with_data).await;
-    assert_eq!(client.replies_until_final().await.last().unwrap().0, ReplyType::ERR_INVALID);
+    assert_eq!(
+        client.replies_until_final().await.last().unwrap().0,
+        ReplyType::ERR_INVALID
+    );
     let mut bad_go = Vec::new();
     nbd::OptionRequest {
         code: OptionCode::GO,
@@ -135,17 +286,26 @@ async fn bad_options_get_exact_errors() {
     }
     .encode(&mut bad_go);
     client.send_raw(&bad_go).await;
-    assert_eq!(client.replies_until_final().await.last().unwrap().0, ReplyType::ERR_INVALID);
+    assert_eq!(
+        client.replies_until_final().await.last().unwrap().0,
+        ReplyType::ERR_INVALID
+    );
     let unknown_export = client
         .option(ClientOption::Info(ExportQuery {
             name: "nope",
             info_requests: vec![],
         }))
         .await;
-    assert_eq!(unknown_export, vec![(ReplyType::ERR_UNKNOWN, b"no export named \"nope\"".to_vec())]);
+    assert_eq!(
+        unknown_export,
+        vec![(ReplyType::ERR_UNKNOWN, b"no export named \"nope\"".to_vec())]
+    );
     let tls = client.option(ClientOption::StartTls).await;
     assert_eq!(tls.last().unwrap().0, ReplyType::ERR_POLICY);
-    assert_eq!(client.option(ClientOption::StructuredReply).await[0].0, ReplyType::ACK);
+    assert_eq!(
+        client.option(ClientOption::StructuredReply).await[0].0,
+        ReplyType::ACK
+    );
     assert_eq!(
         client.option(ClientOption::StructuredReply).await[0].0,
         ReplyType::ERR_INVALID
@@ -159,7 +319,10 @@ async fn bad_options_get_exact_errors() {
     }
     .encode(&mut big);
     client.send_raw(&big).await;
-    assert_eq!(client.replies_until_final().await.last().unwrap().0, ReplyType::ERR_TOO_BIG);
+    assert_eq!(
+        client.replies_until_final().await.last().unwrap().0,
+        ReplyType::ERR_TOO_BIG
+    );
 
     let list = client.option(ClientOption::List).await;
     assert_eq!(list.len(), 2);
@@ -172,7 +335,10 @@ async fn bad_options_get_exact_errors() {
     client.structured = true;
     assert!(client.flags.contains(TransmissionFlags::SEND_DF));
     assert_eq!(client.size_bytes, DISK);
-    assert_eq!(client.call(Command::Read, 0, 0, 512, &[]).await.error, ErrorCode::OK);
+    assert_eq!(
+        client.call(Command::Read, 0, 0, 512, &[]).await.error,
+        ErrorCode::OK
+    );
     assert_eq!(harness.state(), before);
     harness.stop().await.unwrap();
 }
@@ -251,9 +417,11 @@ async fn client_vanishing_mid_payload_leaves_disk_and_journal_unchanged() {
 
 #[tokio::test]
 async fn write_payload_beyond_the_discard_bound_is_refused_then_closed() {
-    let mut limits = source_agent::config::Limits::default();
-    limits.request_bytes_max = 1 << 20;
-    limits.write_discard_bytes_max = 2 << 20;
+    let limits = source_agent::config::Limits {
+        request_bytes_max: 1 << 20,
+        write_discard_bytes_max: 2 << 20,
+        ..Default::default()
+    };
     let harness = Harness::with(Setup {
         limits: Some(limits),
         ..Setup::default()
@@ -263,7 +431,9 @@ async fn write_payload_beyond_the_discard_bound_is_refused_then_closed() {
     let mut client = harness.client("d0", false).await;
     // Over the maximum but within the discard bound: EINVAL, connection lives.
     let payload = vec![0xdd; (1 << 20) + 512];
-    let reply = client.call(Command::Write, 0, 0, (1 << 20) + 512, &payload).await;
+    let reply = client
+        .call(Command::Write, 0, 0, (1 << 20) + 512, &payload)
+        .await;
     assert_eq!(reply.error, ErrorCode::EINVAL);
     // Beyond the discard bound: EINVAL, then the server hangs up.
     let handle = client.send(Command::Write, 0, 0, 3 << 20, &[]).await;
@@ -282,15 +452,27 @@ async fn writes_reach_journal_then_disk_fua_and_flush_make_them_durable() {
     let reply = client.call(Command::Write, 0, 8192, 4096, &[1; 4096]).await;
     assert_eq!(reply.error, ErrorCode::OK);
     assert_eq!(harness.sink.head_seq(), Seq(head.0 + 1));
-    let reply = client.call(Command::Write, 1, 12288, 4096, &[2; 4096]).await;
+    let reply = client
+        .call(Command::Write, 1, 12288, 4096, &[2; 4096])
+        .await;
     assert_eq!(reply.error, ErrorCode::OK);
-    assert!(harness.sink.durable_seq() >= Seq(head.0 + 2), "FUA write durable in the journal");
+    assert!(
+        harness.sink.durable_seq() >= Seq(head.0 + 2),
+        "FUA write durable in the journal"
+    );
     let reply = client.call(Command::Trim, 0, 16384, 4096, &[]).await;
     assert_eq!(reply.error, ErrorCode::OK);
     let reply = client.call(Command::WriteZeroes, 2, 0, 4096, &[]).await;
     assert_eq!(reply.error, ErrorCode::OK);
-    assert_eq!(client.call(Command::Flush, 0, 0, 0, &[]).await.error, ErrorCode::OK);
-    assert_eq!(harness.sink.durable_seq(), Seq(head.0 + 4), "FLUSH covers everything answered");
+    assert_eq!(
+        client.call(Command::Flush, 0, 0, 0, &[]).await.error,
+        ErrorCode::OK
+    );
+    assert_eq!(
+        harness.sink.durable_seq(),
+        Seq(head.0 + 4),
+        "FLUSH covers everything answered"
+    );
     let data = std::fs::read(harness.backing("d0")).unwrap();
     assert_eq!(&data[..4096], &[0; 4096]);
     assert_eq!(&data[4096..8192], &[0x5a; 4096]);
@@ -298,7 +480,11 @@ async fn writes_reach_journal_then_disk_fua_and_flush_make_them_durable() {
     assert_eq!(&data[12288..16384], &[2; 4096]);
     assert_eq!(&data[16384..20480], &[0; 4096]);
     let read = client.call(Command::Read, 4, 8192, 8192, &[]).await;
-    assert_eq!(read.error, ErrorCode::OK, "DF is accepted with structured replies");
+    assert_eq!(
+        read.error,
+        ErrorCode::OK,
+        "DF is accepted with structured replies"
+    );
     assert_eq!(&read.data[..4096], &[1; 4096]);
     harness.stop().await.unwrap();
 }
@@ -319,7 +505,11 @@ async fn many_requests_in_flight_replies_out_of_order() {
     let mut others = Vec::new();
     for i in 1..=16u64 {
         let payload = vec![i as u8; 4096];
-        others.push(client.send(Command::Write, 0, i * 4096, 4096, &payload).await);
+        others.push(
+            client
+                .send(Command::Write, 0, i * 4096, 4096, &payload)
+                .await,
+        );
         others.push(client.send(Command::Read, 0, i * 4096, 4096, &[]).await);
     }
     let mut answered = Vec::new();
@@ -330,7 +520,10 @@ async fn many_requests_in_flight_replies_out_of_order() {
     }
     answered.sort();
     others.sort();
-    assert_eq!(answered, others, "every request after the blocked read was answered first");
+    assert_eq!(
+        answered, others,
+        "every request after the blocked read was answered first"
+    );
     device.release();
     let reply = client.reply().await;
     assert_eq!((reply.handle, reply.error), (gated, ErrorCode::OK));
@@ -354,10 +547,23 @@ async fn multi_connection_flush_covers_writes_of_other_connections() {
     let mut a2 = harness.client("a", false).await;
     let mut b = harness.client("b", true).await;
     assert!(a1.flags.contains(TransmissionFlags::CAN_MULTI_CONN));
-    assert_eq!(a1.call(Command::Write, 0, 0, 512, &[7; 512]).await.error, ErrorCode::OK);
-    assert_eq!(b.call(Command::Write, 0, 0, 512, &[8; 512]).await.error, ErrorCode::OK);
-    assert_eq!(harness.sink.head_seq(), Seq(2), "one sequencer for all disks");
-    assert_eq!(a2.call(Command::Flush, 0, 0, 0, &[]).await.error, ErrorCode::OK);
+    assert_eq!(
+        a1.call(Command::Write, 0, 0, 512, &[7; 512]).await.error,
+        ErrorCode::OK
+    );
+    assert_eq!(
+        b.call(Command::Write, 0, 0, 512, &[8; 512]).await.error,
+        ErrorCode::OK
+    );
+    assert_eq!(
+        harness.sink.head_seq(),
+        Seq(2),
+        "one sequencer for all disks"
+    );
+    assert_eq!(
+        a2.call(Command::Flush, 0, 0, 0, &[]).await.error,
+        ErrorCode::OK
+    );
     assert_eq!(harness.sink.durable_seq(), Seq(2));
     let read = a2.call(Command::Read, 0, 0, 512, &[]).await;
     assert_eq!(read.data, vec![7; 512]);
@@ -398,7 +604,9 @@ async fn export_name_with_and_without_zero_padding() {
         stream.write_all(&out).await.unwrap();
         let len = if no_zeroes { 10 } else { 134 };
         let mut reply = vec![0u8; len];
-        bounded("export name reply", stream.read_exact(&mut reply)).await.unwrap();
+        bounded("export name reply", stream.read_exact(&mut reply))
+            .await
+            .unwrap();
         let (reply, _) = nbd::ExportNameReply::decode(&reply, !no_zeroes).unwrap();
         assert_eq!(reply.size_bytes, DISK);
         assert!(reply.flags.contains(TransmissionFlags::SEND_FUA));
@@ -432,7 +640,10 @@ async fn journal_failure_is_eio_and_the_disk_is_untouched() {
     assert_eq!(reply.error, ErrorCode::EIO);
     assert_eq!(harness.state(), before);
     sink.inject(Some(SinkFault::Sync));
-    assert_eq!(client.call(Command::Flush, 0, 0, 0, &[]).await.error, ErrorCode::EIO);
+    assert_eq!(
+        client.call(Command::Flush, 0, 0, 0, &[]).await.error,
+        ErrorCode::EIO
+    );
     sink.inject(None);
     harness.stop().await.unwrap();
 }
@@ -441,7 +652,13 @@ async fn journal_failure_is_eio_and_the_disk_is_untouched() {
 async fn stopping_closes_idle_connections_and_syncs() {
     let harness = Harness::start().await;
     let mut client = harness.client("d0", false).await;
-    assert_eq!(client.call(Command::Write, 0, 0, 512, &[1; 512]).await.error, ErrorCode::OK);
+    assert_eq!(
+        client
+            .call(Command::Write, 0, 0, 512, &[1; 512])
+            .await
+            .error,
+        ErrorCode::OK
+    );
     let sink = harness.sink.clone();
     harness.stop().await.unwrap();
     assert!(client.closed().await);

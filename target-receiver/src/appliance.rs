@@ -26,11 +26,11 @@ use transport::{DataDir, Server, SystemClock};
 use web::api::ApiToken;
 
 use crate::apply::run_applier;
-use crate::retention::{retention_pass, RetentionPolicy};
-use crate::views::Views;
 use crate::jobs::{JobError, Jobs};
 use crate::landing::serve_connection;
-use crate::status::{ApplianceControl, ApplianceMetrics};
+use crate::retention::{retention_pass, RetentionPolicy};
+use crate::status::{ApplianceControl, ApplianceMetrics, ViewServer};
+use crate::views::Views;
 
 /// The lock file: one appliance per data directory.
 pub const LOCK_FILE: &str = "appliance.lock";
@@ -89,6 +89,8 @@ pub enum Listening {
     Api(SocketAddr),
     /// `listening metrics ADDR`
     Metrics(SocketAddr),
+    /// `listening nbd-views ADDR`
+    Views(SocketAddr),
 }
 
 impl fmt::Display for Listening {
@@ -97,6 +99,7 @@ impl fmt::Display for Listening {
             Self::Quic(addr) => write!(f, "listening quic {addr}"),
             Self::Api(addr) => write!(f, "listening api {addr}"),
             Self::Metrics(addr) => write!(f, "listening metrics {addr}"),
+            Self::Views(addr) => write!(f, "listening nbd-views {addr}"),
         }
     }
 }
@@ -195,6 +198,7 @@ pub struct Appliance {
     checkpoint_interval: Duration,
     api: Option<(TcpListener, ApiToken)>,
     metrics_listener: Option<TcpListener>,
+    view_listener: Option<(TcpListener, SocketAddr)>,
     listening: Vec<Listening>,
     _lock: File,
 }
@@ -233,10 +237,13 @@ impl Appliance {
                 message: e.to_string(),
             })??;
         let jobs = Arc::new(jobs);
-        config.retention.check().map_err(|message| ApplianceError::Load {
-            what: "retention policy",
-            message: message.to_owned(),
-        })?;
+        config
+            .retention
+            .check()
+            .map_err(|message| ApplianceError::Load {
+                what: "retention policy",
+                message: message.to_owned(),
+            })?;
         let views = Arc::new(Views::new(dir).map_err(|e| ApplianceError::Load {
             what: "views",
             message: e.to_string(),
@@ -281,6 +288,12 @@ impl Appliance {
             listening.push(Listening::Metrics(bound));
             metrics_listener = Some(listener);
         }
+        let mut view_listener = None;
+        if let Some(addr) = config.view_listen {
+            let (listener, bound) = bind_tcp("NBD view listener", addr).await?;
+            listening.push(Listening::Views(bound));
+            view_listener = Some((listener, bound));
+        }
         tracing::info!(data_dir = %dir.display(), jobs = jobs.all().len(), fingerprint = %identity.fingerprint(), "appliance started");
         Ok(Self {
             server,
@@ -290,6 +303,7 @@ impl Appliance {
             checkpoint_interval: config.checkpoint_interval,
             api,
             metrics_listener,
+            view_listener,
             listening,
             _lock: lock,
         })
@@ -326,11 +340,16 @@ impl Appliance {
             }
         };
         {
-            let (jobs, views, policy) = (Arc::clone(&self.jobs), Arc::clone(&self.views), self.retention);
+            let (jobs, views, policy) = (
+                Arc::clone(&self.jobs),
+                Arc::clone(&self.views),
+                self.retention,
+            );
             let mut stop = stop_rx.clone();
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(RETENTION_INTERVAL);
-                let mut compacted: std::collections::HashMap<journal::JobId, Instant> = std::collections::HashMap::new();
+                let mut compacted: std::collections::HashMap<journal::JobId, Instant> =
+                    std::collections::HashMap::new();
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {}
@@ -352,8 +371,21 @@ impl Appliance {
         }
         start_appliers(&mut appliers);
 
+        let view_server = self.view_listener.map(|(listener, addr)| {
+            let context = Arc::new(nbd_server::ServerContext::new(
+                nbd_server::ServerLimits::default(),
+                Arc::new(nbd_server::NoEvents),
+                stop_rx.clone(),
+            ));
+            tasks.spawn(nbd_server::serve_tcp(listener, Arc::clone(&context)));
+            ViewServer { context, addr }
+        });
         if let Some((listener, token)) = self.api {
-            let control = Arc::new(ApplianceControl::new(Arc::clone(&self.jobs)));
+            let control = Arc::new(ApplianceControl::new(
+                Arc::clone(&self.jobs),
+                Arc::clone(&self.views),
+                view_server.clone(),
+            ));
             let mut stop = stop_rx.clone();
             tasks.spawn(async move {
                 let router = web::api::router(token, control);
@@ -434,7 +466,12 @@ impl Appliance {
 
 /// One retention pass over every job; compacts a job whose floor rose, at most every
 /// [`COMPACTION_INTERVAL`].
-fn run_retention(jobs: &Jobs, views: &Views, policy: &RetentionPolicy, compacted: &mut std::collections::HashMap<journal::JobId, Instant>) {
+fn run_retention(
+    jobs: &Jobs,
+    views: &Views,
+    policy: &RetentionPolicy,
+    compacted: &mut std::collections::HashMap<journal::JobId, Instant>,
+) {
     for job in jobs.all() {
         // Under the views' lock: no view is created below the floor while it is chosen.
         let outcome = views.with_leases(|lease| retention_pass(&job, policy, lease(job.id())));
@@ -443,7 +480,9 @@ fn run_retention(jobs: &Jobs, views: &Views, policy: &RetentionPolicy, compacted
                 if outcome.over_bound {
                     tracing::warn!(job = %job.id(), bytes = outcome.history_bytes, bound = policy.history_bytes_max, "history is larger than its bound; the window is kept");
                 }
-                let due = compacted.get(&job.id()).is_none_or(|t| t.elapsed() >= COMPACTION_INTERVAL);
+                let due = compacted
+                    .get(&job.id())
+                    .is_none_or(|t| t.elapsed() >= COMPACTION_INTERVAL);
                 if outcome.floor_raised && due {
                     if let Err(e) = job.history.compact() {
                         tracing::warn!(job = %job.id(), error = %e, "compacting the history failed");
@@ -457,7 +496,10 @@ fn run_retention(jobs: &Jobs, views: &Views, policy: &RetentionPolicy, compacted
     }
 }
 
-async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ApplianceError> {
+async fn bind_tcp(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), ApplianceError> {
     let bind_error = |e: std::io::Error| ApplianceError::Bind {
         what,
         addr,
@@ -474,7 +516,10 @@ fn record_addr(path: &Path, addr: SocketAddr) -> Result<(), ApplianceError> {
 
 /// Starts the appliance, prints the start-up lines and `ready` on stdout, serves until
 /// `stop`.
-pub async fn run(config: ApplianceConfig, stop: impl Future<Output = ()>) -> Result<(), ApplianceError> {
+pub async fn run(
+    config: ApplianceConfig,
+    stop: impl Future<Output = ()>,
+) -> Result<(), ApplianceError> {
     let appliance = Appliance::start(&config).await?;
     let mut stdout = std::io::stdout().lock();
     let out = |e| ApplianceError::Io {

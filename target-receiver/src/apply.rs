@@ -28,7 +28,9 @@ use blockdev::BlockDevice;
 use journal::{DiskId, ReadError, RecordHeader, RecordKind, Seq, Timestamp};
 use thiserror::Error;
 
-use crate::history::{Block, Checkpoint, CheckpointKind, Entry, HistoryError, Pending, BLOCK_BYTES};
+use crate::history::{
+    Block, Checkpoint, CheckpointKind, Entry, HistoryError, Pending, BLOCK_BYTES,
+};
 use crate::jobs::Job;
 
 /// Records applied per pass, at most.
@@ -117,7 +119,10 @@ fn block_span(header: &RecordHeader) -> Option<(u64, u64)> {
 /// Reads block `block` of `device` (zero-padded past the device's end).
 fn read_block(device: &dyn BlockDevice, block: u64) -> std::io::Result<Block> {
     let start = block * BLOCK_BYTES as u64;
-    let len = device.size_bytes().saturating_sub(start).min(BLOCK_BYTES as u64) as usize;
+    let len = device
+        .size_bytes()
+        .saturating_sub(start)
+        .min(BLOCK_BYTES as u64) as usize;
     let mut buf = vec![0u8; len];
     device.read_at(&mut buf, start)?;
     Ok(Block::from_bytes(&buf))
@@ -179,10 +184,13 @@ pub fn recover(job: &Job) -> Result<Option<Pending>, ApplyError> {
         let Some((first, last)) = block_span(header) else {
             continue;
         };
-        let replica = job.replicas.get(&header.disk).ok_or(ApplyError::UnknownDisk {
-            seq: header.seq,
-            disk: header.disk,
-        })?;
+        let replica = job
+            .replicas
+            .get(&header.disk)
+            .ok_or(ApplyError::UnknownDisk {
+                seq: header.seq,
+                disk: header.disk,
+            })?;
         let io = |source| ApplyError::Io {
             disk: replica.info.name.clone(),
             source,
@@ -190,7 +198,11 @@ pub fn recover(job: &Job) -> Result<Option<Pending>, ApplyError> {
         for block in first..=last {
             if let Some(image) = job.history.entry(header.disk, block, header.seq)? {
                 let start = block * BLOCK_BYTES as u64;
-                let len = replica.device.size_bytes().saturating_sub(start).min(BLOCK_BYTES as u64) as usize;
+                let len = replica
+                    .device
+                    .size_bytes()
+                    .saturating_sub(start)
+                    .min(BLOCK_BYTES as u64) as usize;
                 let mut bytes = vec![0u8; len];
                 image.copy_to(&mut bytes);
                 replica.device.write_at(&bytes, start).map_err(io)?;
@@ -207,10 +219,13 @@ pub fn recover(job: &Job) -> Result<Option<Pending>, ApplyError> {
 fn sync_replicas(job: &Job, disks: &BTreeSet<DiskId>) -> Result<(), ApplyError> {
     for disk in disks {
         if let Some(replica) = job.replicas.get(disk) {
-            replica.device.sync_data().map_err(|source| ApplyError::Io {
-                disk: replica.info.name.clone(),
-                source,
-            })?;
+            replica
+                .device
+                .sync_data()
+                .map_err(|source| ApplyError::Io {
+                    disk: replica.info.name.clone(),
+                    source,
+                })?;
         }
     }
     Ok(())
@@ -236,7 +251,10 @@ pub fn apply_pass(job: &Job, up_to: Seq) -> Result<Pass, ApplyError> {
     let mut image_bytes = 0usize;
     let mut checkpoints: Vec<Checkpoint> = Vec::new();
     let mut expected = applied.next();
-    while expected <= up_to && held.len() < APPLY_PASS_RECORDS_MAX && (held.is_empty() || image_bytes < APPLY_PASS_IMAGE_BYTES_MAX) {
+    while expected <= up_to
+        && held.len() < APPLY_PASS_RECORDS_MAX
+        && (held.is_empty() || image_bytes < APPLY_PASS_IMAGE_BYTES_MAX)
+    {
         let Some(rec) = reader.next_record()? else {
             break;
         };
@@ -255,10 +273,13 @@ pub fn apply_pass(job: &Job, up_to: Seq) -> Result<Pass, ApplyError> {
             }
         }
         if let Some((first, last)) = block_span(&header) {
-            let replica = job.replicas.get(&header.disk).ok_or(ApplyError::UnknownDisk {
-                seq: header.seq,
-                disk: header.disk,
-            })?;
+            let replica = job
+                .replicas
+                .get(&header.disk)
+                .ok_or(ApplyError::UnknownDisk {
+                    seq: header.seq,
+                    disk: header.disk,
+                })?;
             let end = header.offset.checked_add(u64::from(header.length));
             if end.is_none_or(|end| end > replica.device.size_bytes()) {
                 return Err(ApplyError::Replica {
@@ -276,10 +297,12 @@ pub fn apply_pass(job: &Job, up_to: Seq) -> Result<Pass, ApplyError> {
                 let key = (header.disk, block);
                 let before = match overlay.remove(&key) {
                     Some(b) => b,
-                    None => read_block(&*replica.device, block).map_err(|source| ApplyError::Io {
-                        disk: replica.info.name.clone(),
-                        source,
-                    })?,
+                    None => {
+                        read_block(&*replica.device, block).map_err(|source| ApplyError::Io {
+                            disk: replica.info.name.clone(),
+                            source,
+                        })?
+                    }
                 };
                 let next = after(&before, &header, rec.payload, block);
                 if matches!(before, Block::Data(_)) {
@@ -332,12 +355,13 @@ pub fn apply_pass(job: &Job, up_to: Seq) -> Result<Pass, ApplyError> {
             continue;
         }
         let replica = &job.replicas[&h.header.disk];
-        pass.bytes += blockdev::apply_record(&*replica.device, &h.header, &h.payload).map_err(|source| {
-            ApplyError::Replica {
-                disk: replica.info.name.clone(),
-                source,
-            }
-        })?;
+        pass.bytes +=
+            blockdev::apply_record(&*replica.device, &h.header, &h.payload).map_err(|source| {
+                ApplyError::Replica {
+                    disk: replica.info.name.clone(),
+                    source,
+                }
+            })?;
         touched.insert(h.header.disk);
         if i == held.len() / 2 {
             failpoint!("apply::mid-replica");

@@ -160,8 +160,15 @@ pub fn pair(args: &PairArgs) -> Result<String, PairCommandError> {
         dir: args.data_dir.clone(),
         message: e.to_string(),
     })?;
-    let bundle = PairingBundle::create(&identity, name, addrs, args.expires, &data.pending_tokens(), &SystemClock)
-        .map_err(|e| PairCommandError::Bundle(e.to_string()))?;
+    let bundle = PairingBundle::create(
+        &identity,
+        name,
+        addrs,
+        args.expires,
+        &data.pending_tokens(),
+        &SystemClock,
+    )
+    .map_err(|e| PairCommandError::Bundle(e.to_string()))?;
     Ok(bundle.encode())
 }
 
@@ -175,7 +182,11 @@ fn running_address(data_dir: &Path) -> Result<SocketAddr, PairCommandError> {
         ))
     })?;
     let addr: SocketAddr = text.trim().parse().map_err(|_| {
-        PairCommandError::Address(format!("{}: {:?} is not an address", path.display(), text.trim()))
+        PairCommandError::Address(format!(
+            "{}: {:?} is not an address",
+            path.display(),
+            text.trim()
+        ))
     })?;
     if addr.ip().is_unspecified() {
         return Err(PairCommandError::Address(format!(
@@ -195,7 +206,11 @@ mod tests {
     #[test]
     fn durations() {
         for (text, seconds) in [("30s", 30), ("15m", 900), ("2h", 7200), ("45", 45)] {
-            assert_eq!(parse_duration(text), Ok(Duration::from_secs(seconds)), "{text}");
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(seconds)),
+                "{text}"
+            );
         }
         for bad in ["", "m", "5d", "-1s", "1.5h"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
@@ -222,7 +237,10 @@ mod tests {
         crate::appliance::init(dir.path()).unwrap();
         let bundle = pair(&args(vec![])).unwrap();
         let decoded = PairingBundle::decode(bundle.as_bytes()).unwrap();
-        assert_eq!(decoded.addrs, vec!["127.0.0.1:7443".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            decoded.addrs,
+            vec!["127.0.0.1:7443".parse::<SocketAddr>().unwrap()]
+        );
         assert_eq!(decoded.appliance.as_str(), "dr-site");
     }
 }

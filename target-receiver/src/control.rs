@@ -48,7 +48,9 @@ impl From<HistoryError> for ControlError {
 impl From<ViewError> for ControlError {
     fn from(e: ViewError) -> Self {
         match e {
-            ViewError::Expired { .. } | ViewError::Future { .. } => ControlError::Conflict(e.to_string()),
+            ViewError::Expired { .. } | ViewError::Future { .. } => {
+                ControlError::Conflict(e.to_string())
+            }
             ViewError::UnknownDisk(_) | ViewError::OutOfRange { .. } | ViewError::ReadOnly => {
                 ControlError::BadRequest(e.to_string())
             }
@@ -70,8 +72,13 @@ pub fn find_job(jobs: &Jobs, query: &str) -> Result<Arc<Job>, ControlError> {
         .collect();
     match matching.as_slice() {
         [job] => Ok(Arc::clone(job)),
-        [] => Err(ControlError::NotFound(format!("no job named or with id {query:?}"))),
-        _ => Err(ControlError::BadRequest(format!("{query:?} matches {} jobs: give more of the id", matching.len()))),
+        [] => Err(ControlError::NotFound(format!(
+            "no job named or with id {query:?}"
+        ))),
+        _ => Err(ControlError::BadRequest(format!(
+            "{query:?} matches {} jobs: give more of the id",
+            matching.len()
+        ))),
     }
 }
 
@@ -110,10 +117,9 @@ pub fn resolve_point(job: &Job, at: &str) -> Result<Seq, ControlError> {
     }
     let catalog = job.history.checkpoints()?;
     if let Some(n) = at.strip_prefix("checkpoint:") {
-        let seq = n
-            .parse()
-            .map(Seq)
-            .map_err(|_| ControlError::BadRequest(format!("{at:?}: checkpoint:SEQ needs a number")))?;
+        let seq = n.parse().map(Seq).map_err(|_| {
+            ControlError::BadRequest(format!("{at:?}: checkpoint:SEQ needs a number"))
+        })?;
         return catalog
             .iter()
             .find(|c| c.seq == seq)
@@ -138,30 +144,47 @@ pub fn resolve_point(job: &Job, at: &str) -> Result<Seq, ControlError> {
             ControlError::Conflict(format!(
                 "no kept point at or before {}: the oldest is {}",
                 format_time(micros),
-                catalog.first().map_or("none".to_owned(), |c| format_time(c.timestamp.0))
+                catalog
+                    .first()
+                    .map_or("none".to_owned(), |c| format_time(c.timestamp.0))
             ))
         })
 }
 
 /// Asks `job`'s agent for a checkpoint and waits until it is in the catalog.
-pub async fn create_checkpoint(job: Arc<Job>, tags: Vec<String>, app_consistent: bool) -> Result<Checkpoint, ControlError> {
+pub async fn create_checkpoint(
+    job: Arc<Job>,
+    tags: Vec<String>,
+    app_consistent: bool,
+) -> Result<Checkpoint, ControlError> {
     let mark = journal::mark::CheckpointMark {
         request_id: 0,
         app_consistent,
         tags: tags.clone(),
     };
-    mark.check().map_err(|e| ControlError::BadRequest(e.to_string()))?;
-    let request_id = job.request_checkpoint(tags, app_consistent).map_err(|e| match e {
-        CheckpointRequestError::NotConnected | CheckpointRequestError::Inconsistent => ControlError::Conflict(e.to_string()),
-        CheckpointRequestError::Busy => ControlError::Timeout(e.to_string()),
-    })?;
+    mark.check()
+        .map_err(|e| ControlError::BadRequest(e.to_string()))?;
+    let request_id = job
+        .request_checkpoint(tags, app_consistent)
+        .map_err(|e| match e {
+            CheckpointRequestError::NotConnected | CheckpointRequestError::Inconsistent => {
+                ControlError::Conflict(e.to_string())
+            }
+            CheckpointRequestError::Busy => ControlError::Timeout(e.to_string()),
+        })?;
     let deadline = tokio::time::Instant::now() + CHECKPOINT_WAIT;
     loop {
         let found = {
             let job = Arc::clone(&job);
             tokio::task::spawn_blocking(move || -> Result<Option<Checkpoint>, HistoryError> {
                 // The newest few checkpoints: the answer lands after the request.
-                Ok(job.history.checkpoints()?.into_iter().rev().take(64).find(|c| c.request_id == request_id))
+                Ok(job
+                    .history
+                    .checkpoints()?
+                    .into_iter()
+                    .rev()
+                    .take(64)
+                    .find(|c| c.request_id == request_id))
             })
             .await
             .map_err(|e| ControlError::Internal(e.to_string()))??
@@ -180,7 +203,12 @@ pub async fn create_checkpoint(job: Arc<Job>, tags: Vec<String>, app_consistent:
 }
 
 /// Creates a view of `job` at `at`.
-pub fn create_view(views: &Views, job: &Arc<Job>, at: &str, writable: bool) -> Result<Arc<View>, ControlError> {
+pub fn create_view(
+    views: &Views,
+    job: &Arc<Job>,
+    at: &str,
+    writable: bool,
+) -> Result<Arc<View>, ControlError> {
     let seq = resolve_point(job, at)?;
     Ok(views.create(job, seq, writable)?)
 }
@@ -209,9 +237,18 @@ mod tests {
     #[test]
     fn times_parse_and_format() {
         assert_eq!(parse_time("@1700000000").unwrap(), 1_700_000_000_000_000);
-        assert_eq!(parse_time("2023-11-14T22:13:20Z").unwrap(), 1_700_000_000_000_000);
-        assert_eq!(parse_time("2023-11-14T22:13:20.5Z").unwrap(), 1_700_000_000_500_000);
-        assert_eq!(format_time(1_700_000_000_000_001), "2023-11-14T22:13:20.000001Z");
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20Z").unwrap(),
+            1_700_000_000_000_000
+        );
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20.5Z").unwrap(),
+            1_700_000_000_500_000
+        );
+        assert_eq!(
+            format_time(1_700_000_000_000_001),
+            "2023-11-14T22:13:20.000001Z"
+        );
         for bad in ["", "yesterday", "@x", "2023-13-01T00:00:00Z"] {
             assert!(parse_time(bad).is_err(), "{bad:?}");
         }

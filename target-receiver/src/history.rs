@@ -161,7 +161,12 @@ impl Checkpoint {
         });
         out.push(u8::from(self.app_consistent));
         out.extend_from_slice(&self.request_id.to_le_bytes());
-        let tags: Vec<&String> = self.tags.iter().filter(|t| t.len() <= usize::from(u16::MAX)).take(usize::from(u16::MAX)).collect();
+        let tags: Vec<&String> = self
+            .tags
+            .iter()
+            .filter(|t| t.len() <= usize::from(u16::MAX))
+            .take(usize::from(u16::MAX))
+            .collect();
         out.extend_from_slice(&(tags.len() as u16).to_le_bytes());
         for tag in tags {
             out.extend_from_slice(&(tag.len() as u16).to_le_bytes());
@@ -177,7 +182,9 @@ impl Checkpoint {
             detail: format!("seq {seq}: {detail}"),
         };
         let head = bytes.get(..20).ok_or_else(|| corrupt("too short"))?;
-        let timestamp = Timestamp(u64::from_le_bytes(head[..8].try_into().map_err(|_| corrupt("timestamp"))?));
+        let timestamp = Timestamp(u64::from_le_bytes(
+            head[..8].try_into().map_err(|_| corrupt("timestamp"))?,
+        ));
         let kind = match head[8] {
             0 => CheckpointKind::Auto,
             1 => CheckpointKind::Tagged,
@@ -188,14 +195,17 @@ impl Checkpoint {
             1 => true,
             _ => return Err(corrupt("bad consistency byte")),
         };
-        let request_id = u64::from_le_bytes(head[10..18].try_into().map_err(|_| corrupt("request id"))?);
+        let request_id =
+            u64::from_le_bytes(head[10..18].try_into().map_err(|_| corrupt("request id"))?);
         let count = u16::from_le_bytes([head[18], head[19]]);
         let mut at = 20;
         let mut tags = Vec::with_capacity(usize::from(count));
         for _ in 0..count {
             let len = bytes.get(at..at + 2).ok_or_else(|| corrupt("tag length"))?;
             let len = usize::from(u16::from_le_bytes([len[0], len[1]]));
-            let tag = bytes.get(at + 2..at + 2 + len).ok_or_else(|| corrupt("tag"))?;
+            let tag = bytes
+                .get(at + 2..at + 2 + len)
+                .ok_or_else(|| corrupt("tag"))?;
             tags.push(String::from_utf8(tag.to_vec()).map_err(|_| corrupt("tag is not UTF-8"))?);
             at += 2 + len;
         }
@@ -253,7 +263,10 @@ fn before_key(disk: DiskId, block: u64, seq: Seq) -> [u8; BEFORE_KEY_BYTES] {
 }
 
 fn key_seq(key: &[u8]) -> Option<Seq> {
-    let bytes: [u8; 8] = key.get(BLOCK_PREFIX_BYTES..BEFORE_KEY_BYTES)?.try_into().ok()?;
+    let bytes: [u8; 8] = key
+        .get(BLOCK_PREFIX_BYTES..BEFORE_KEY_BYTES)?
+        .try_into()
+        .ok()?;
     Some(Seq(u64::from_be_bytes(bytes)))
 }
 
@@ -304,12 +317,13 @@ impl History {
         table.set_whole_key_filtering(false);
         before.set_block_based_table_factory(&table);
         let filter_floor = Arc::clone(&floor);
-        before.set_compaction_filter("cdp-retention", move |_level: u32, key: &[u8], _value: &[u8]| {
-            match key_seq(key) {
+        before.set_compaction_filter(
+            "cdp-retention",
+            move |_level: u32, key: &[u8], _value: &[u8]| match key_seq(key) {
                 Some(seq) if seq.0 <= filter_floor.load(Ordering::Relaxed) => Decision::Remove,
                 _ => Decision::Keep,
-            }
-        });
+            },
+        );
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_BEFORE, before),
             ColumnFamilyDescriptor::new(CF_CHECKPOINTS, Options::default()),
@@ -323,10 +337,12 @@ impl History {
     }
 
     fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, HistoryError> {
-        self.db.cf_handle(name).ok_or_else(|| HistoryError::Corrupt {
-            what: "column family",
-            detail: format!("{name} is missing"),
-        })
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| HistoryError::Corrupt {
+                what: "column family",
+                detail: format!("{name} is missing"),
+            })
     }
 
     fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, HistoryError> {
@@ -380,13 +396,21 @@ impl History {
 
     /// The batch is applied and its replicas synced: `applied` becomes `last`, the pending
     /// mark goes, and `checkpoints` join the catalog, in one durable write.
-    pub fn finish_with(&self, applied: Seq, checkpoints: &[Checkpoint]) -> Result<(), HistoryError> {
+    pub fn finish_with(
+        &self,
+        applied: Seq,
+        checkpoints: &[Checkpoint],
+    ) -> Result<(), HistoryError> {
         let meta = self.cf(CF_META)?;
         let mut batch = WriteBatch::default();
         batch.put_cf(meta, KEY_APPLIED, applied.0.to_be_bytes());
         batch.delete_cf(meta, KEY_PENDING);
         for cp in checkpoints {
-            batch.put_cf(self.cf(CF_CHECKPOINTS)?, cp.seq.0.to_be_bytes(), cp.encode());
+            batch.put_cf(
+                self.cf(CF_CHECKPOINTS)?,
+                cp.seq.0.to_be_bytes(),
+                cp.encode(),
+            );
         }
         self.sync_write(batch)
     }
@@ -401,7 +425,10 @@ impl History {
 
     /// The before-image record `seq` saved for `block`, if it saved one.
     pub fn entry(&self, disk: DiskId, block: u64, seq: Seq) -> Result<Option<Block>, HistoryError> {
-        match self.db.get_cf(self.cf(CF_BEFORE)?, before_key(disk, block, seq))? {
+        match self
+            .db
+            .get_cf(self.cf(CF_BEFORE)?, before_key(disk, block, seq))?
+        {
             Some(v) => Ok(Some(Block::decode(&v)?)),
             None => Ok(None),
         }
@@ -418,16 +445,26 @@ impl History {
     /// Adds (or replaces) a checkpoint in the catalog.
     pub fn put_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), HistoryError> {
         let mut batch = WriteBatch::default();
-        batch.put_cf(self.cf(CF_CHECKPOINTS)?, checkpoint.seq.0.to_be_bytes(), checkpoint.encode());
+        batch.put_cf(
+            self.cf(CF_CHECKPOINTS)?,
+            checkpoint.seq.0.to_be_bytes(),
+            checkpoint.encode(),
+        );
         self.sync_write(batch)
     }
 
     /// Every checkpoint, oldest first.
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, HistoryError> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_CHECKPOINTS)?, IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_CHECKPOINTS)?, IteratorMode::Start)
+        {
             let (key, value) = item?;
-            out.push(Checkpoint::decode(Seq(read_u64(&key, "checkpoint key")?), &value)?);
+            out.push(Checkpoint::decode(
+                Seq(read_u64(&key, "checkpoint key")?),
+                &value,
+            )?);
         }
         Ok(out)
     }
@@ -435,13 +472,17 @@ impl History {
     /// The newest checkpoint at or before `seq`.
     pub fn checkpoint_at_or_before(&self, seq: Seq) -> Result<Option<Checkpoint>, HistoryError> {
         let key = seq.0.to_be_bytes();
-        let mut iter = self
-            .db
-            .iterator_cf(self.cf(CF_CHECKPOINTS)?, IteratorMode::From(&key, Direction::Reverse));
+        let mut iter = self.db.iterator_cf(
+            self.cf(CF_CHECKPOINTS)?,
+            IteratorMode::From(&key, Direction::Reverse),
+        );
         match iter.next() {
             Some(item) => {
                 let (key, value) = item?;
-                Ok(Some(Checkpoint::decode(Seq(read_u64(&key, "checkpoint key")?), &value)?))
+                Ok(Some(Checkpoint::decode(
+                    Seq(read_u64(&key, "checkpoint key")?),
+                    &value,
+                )?))
             }
             None => Ok(None),
         }
@@ -480,7 +521,8 @@ impl History {
 
     /// Compacts the before-images, so entries below the floor give their space back.
     pub fn compact(&self) -> Result<(), HistoryError> {
-        self.db.compact_range_cf(self.cf(CF_BEFORE)?, None::<&[u8]>, None::<&[u8]>);
+        self.db
+            .compact_range_cf(self.cf(CF_BEFORE)?, None::<&[u8]>, None::<&[u8]>);
         Ok(())
     }
 
@@ -523,7 +565,10 @@ impl PointReader<'_> {
             return Ok(None);
         }
         match (self.iter.key(), self.iter.value()) {
-            (Some(k), Some(v)) if k.len() == BEFORE_KEY_BYTES && k[..BLOCK_PREFIX_BYTES] == key[..BLOCK_PREFIX_BYTES] => {
+            (Some(k), Some(v))
+                if k.len() == BEFORE_KEY_BYTES
+                    && k[..BLOCK_PREFIX_BYTES] == key[..BLOCK_PREFIX_BYTES] =>
+            {
                 Ok(Some(Block::decode(v)?))
             }
             _ => Ok(None),
@@ -550,11 +595,24 @@ mod tests {
             image,
         };
         h.commit(
-            Pending { first: Seq(5), last: Seq(9) },
-            &[entry(3, 5, Block::Zero), entry(3, 9, data(5)), entry(4, 7, data(1))],
+            Pending {
+                first: Seq(5),
+                last: Seq(9),
+            },
+            &[
+                entry(3, 5, Block::Zero),
+                entry(3, 9, data(5)),
+                entry(4, 7, data(1)),
+            ],
         )
         .unwrap();
-        assert_eq!(h.pending().unwrap(), Some(Pending { first: Seq(5), last: Seq(9) }));
+        assert_eq!(
+            h.pending().unwrap(),
+            Some(Pending {
+                first: Seq(5),
+                last: Seq(9)
+            })
+        );
         h.finish_with(Seq(9), &[]).unwrap();
         assert_eq!(h.pending().unwrap(), None);
         assert_eq!(h.applied().unwrap(), Seq(9));
@@ -584,7 +642,14 @@ mod tests {
                     image: data(seq as u8),
                 })
                 .collect();
-            h.commit(Pending { first: Seq(1), last: Seq(100) }, &entries).unwrap();
+            h.commit(
+                Pending {
+                    first: Seq(1),
+                    last: Seq(100),
+                },
+                &entries,
+            )
+            .unwrap();
             h.finish_with(Seq(100), &[]).unwrap();
             h.set_floor(Seq(50)).unwrap();
             h.compact().unwrap();
@@ -593,7 +658,10 @@ mod tests {
         }
         let h = History::open(dir.path()).unwrap();
         assert_eq!(h.floor(), Seq(50));
-        assert_eq!(h.reader(DiskId(0), Seq(50)).unwrap().block(1).unwrap(), Some(data(51)));
+        assert_eq!(
+            h.reader(DiskId(0), Seq(50)).unwrap().block(1).unwrap(),
+            Some(data(51))
+        );
     }
 
     #[test]
@@ -603,19 +671,34 @@ mod tests {
         let cp = |seq, tags: &[&str]| Checkpoint {
             seq: Seq(seq),
             timestamp: Timestamp(seq * 1000),
-            kind: if tags.is_empty() { CheckpointKind::Auto } else { CheckpointKind::Tagged },
+            kind: if tags.is_empty() {
+                CheckpointKind::Auto
+            } else {
+                CheckpointKind::Tagged
+            },
             app_consistent: seq % 2 == 0,
             tags: tags.iter().map(|t| t.to_string()).collect(),
             request_id: seq * 3,
         };
         h.put_checkpoint(&cp(10, &[])).unwrap();
-        h.finish_with(Seq(20), &[cp(20, &["before-upgrade", "ü"])]).unwrap();
-        assert_eq!(h.checkpoints().unwrap(), vec![cp(10, &[]), cp(20, &["before-upgrade", "ü"])]);
-        assert_eq!(h.checkpoint_at_or_before(Seq(15)).unwrap(), Some(cp(10, &[])));
+        h.finish_with(Seq(20), &[cp(20, &["before-upgrade", "ü"])])
+            .unwrap();
+        assert_eq!(
+            h.checkpoints().unwrap(),
+            vec![cp(10, &[]), cp(20, &["before-upgrade", "ü"])]
+        );
+        assert_eq!(
+            h.checkpoint_at_or_before(Seq(15)).unwrap(),
+            Some(cp(10, &[]))
+        );
         assert_eq!(h.checkpoint_at_or_before(Seq(9)).unwrap(), None);
         h.delete_checkpoints(&[Seq(10)]).unwrap();
         assert_eq!(h.checkpoints().unwrap().len(), 1);
-        for bad in [&[][..], &[0u8; 19][..], &[0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0][..]] {
+        for bad in [
+            &[][..],
+            &[0u8; 19][..],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0][..],
+        ] {
             assert!(Checkpoint::decode(Seq(1), bad).is_err());
         }
     }

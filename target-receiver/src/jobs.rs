@@ -156,7 +156,8 @@ impl JobMeta {
             path: path.to_owned(),
             message,
         };
-        let job = JobId::parse_hex(&file.id).ok_or_else(|| parse(format!("job id {:?} is not 32 hex digits", file.id)))?;
+        let job = JobId::parse_hex(&file.id)
+            .ok_or_else(|| parse(format!("job id {:?} is not 32 hex digits", file.id)))?;
         let mode = match file.mode.as_str() {
             "async" => Mode::Async,
             "sync" => Mode::Sync,
@@ -258,13 +259,17 @@ pub struct Job {
 #[derive(Debug, Error)]
 pub enum CheckpointRequestError {
     /// No agent is connected to answer it.
-    #[error("the job's agent is not connected: a checkpoint is recorded by the agent, in its journal")]
+    #[error(
+        "the job's agent is not connected: a checkpoint is recorded by the agent, in its journal"
+    )]
     NotConnected,
     /// Too many requests are waiting.
     #[error("too many checkpoint requests are waiting for the agent")]
     Busy,
     /// The replicas are being resynced: no checkpoint until that is done.
-    #[error("the replicas are inconsistent until the resync completes: no checkpoint can be made now")]
+    #[error(
+        "the replicas are inconsistent until the resync completes: no checkpoint can be made now"
+    )]
     Inconsistent,
 }
 
@@ -340,7 +345,9 @@ impl Job {
         if applied > landed {
             return Err(JobError::History {
                 path: history_dir,
-                message: format!("applied seq {applied} is beyond the landing journal's durable seq {landed}"),
+                message: format!(
+                    "applied seq {applied} is beyond the landing journal's durable seq {landed}"
+                ),
             });
         }
         let (landed_tx, _) = watch::channel(landed);
@@ -357,7 +364,9 @@ impl Job {
             applied: AtomicU64::new(applied.0),
             consistent: AtomicBool::new(true),
             last_checkpoint_micros: AtomicU64::new(last_checkpoint),
-            checkpoint_interval_micros: AtomicU64::new(CHECKPOINT_INTERVAL_DEFAULT.as_micros() as u64),
+            checkpoint_interval_micros: AtomicU64::new(
+                CHECKPOINT_INTERVAL_DEFAULT.as_micros() as u64
+            ),
             link: Mutex::new(LinkStatus::default()),
             apply_error: Mutex::new(None),
             corrupt_records: AtomicU64::new(0),
@@ -394,7 +403,10 @@ impl Job {
     /// The replicas hold every record up to `seq`, synced, and the history store says so.
     pub fn set_applied(&self, seq: Seq) {
         let before = self.applied.swap(seq.0, Ordering::AcqRel);
-        assert!(seq.0 >= before, "applied seq went back from {before} to {seq}");
+        assert!(
+            seq.0 >= before,
+            "applied seq went back from {before} to {seq}"
+        );
     }
 
     /// Whether the replicas are a consistent image (checkpoints may be made).
@@ -409,13 +421,19 @@ impl Job {
 
     /// Sets the interval between automatic checkpoints.
     pub fn set_checkpoint_interval(&self, interval: std::time::Duration) {
-        self.checkpoint_interval_micros
-            .store(interval.as_micros().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+        self.checkpoint_interval_micros.store(
+            interval.as_micros().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// The automatic checkpoint a pass ending at `seq` (agent time `timestamp`) makes, if
     /// one is due.
-    pub fn auto_checkpoint_due(&self, seq: Seq, timestamp: journal::Timestamp) -> Option<Checkpoint> {
+    pub fn auto_checkpoint_due(
+        &self,
+        seq: Seq,
+        timestamp: journal::Timestamp,
+    ) -> Option<Checkpoint> {
         let last = self.last_checkpoint_micros.load(Ordering::Relaxed);
         let interval = self.checkpoint_interval_micros.load(Ordering::Relaxed);
         (timestamp.0 >= last.saturating_add(interval)).then_some(Checkpoint {
@@ -429,19 +447,29 @@ impl Job {
     }
 
     /// The connected stream takes checkpoint requests through `sender` (`None`: it ended).
-    pub fn set_checkpoint_channel(&self, sender: Option<tokio::sync::mpsc::Sender<CheckpointRequest>>) {
+    pub fn set_checkpoint_channel(
+        &self,
+        sender: Option<tokio::sync::mpsc::Sender<CheckpointRequest>>,
+    ) {
         *lock(&self.checkpoint_requests) = sender;
     }
 
     /// Asks the agent for a checkpoint; returns the request id its record will carry.
-    pub fn request_checkpoint(&self, tags: Vec<String>, app_consistent: bool) -> Result<u64, CheckpointRequestError> {
+    pub fn request_checkpoint(
+        &self,
+        tags: Vec<String>,
+        app_consistent: bool,
+    ) -> Result<u64, CheckpointRequestError> {
         if !self.consistent() {
             return Err(CheckpointRequestError::Inconsistent);
         }
-        let sender = lock(&self.checkpoint_requests).clone().ok_or(CheckpointRequestError::NotConnected)?;
+        let sender = lock(&self.checkpoint_requests)
+            .clone()
+            .ok_or(CheckpointRequestError::NotConnected)?;
         // Ids only need to be unique among requests in flight; the process start time keeps
         // them apart from those of an earlier run still in the landing journal.
-        let request_id = (std::process::id() as u64) << 40 | self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let request_id = (std::process::id() as u64) << 40
+            | self.next_request_id.fetch_add(1, Ordering::Relaxed);
         sender
             .try_send(CheckpointRequest {
                 request_id,
@@ -450,7 +478,9 @@ impl Job {
             })
             .map_err(|e| match e {
                 tokio::sync::mpsc::error::TrySendError::Full(_) => CheckpointRequestError::Busy,
-                tokio::sync::mpsc::error::TrySendError::Closed(_) => CheckpointRequestError::NotConnected,
+                tokio::sync::mpsc::error::TrySendError::Closed(_) => {
+                    CheckpointRequestError::NotConnected
+                }
             })?;
         Ok(request_id)
     }
@@ -541,7 +571,10 @@ impl Jobs {
             if meta.info.job != id {
                 return Err(JobError::Parse {
                     path: file,
-                    message: format!("holds job {} but lives in the directory of {id}", meta.info.job),
+                    message: format!(
+                        "holds job {} but lives in the directory of {id}",
+                        meta.info.job
+                    ),
                 });
             }
             let job = Job::open(job_dir, meta)?;
@@ -618,7 +651,10 @@ mod tests {
         let jobs = Jobs::load(dir.path()).unwrap();
         let job = jobs.get_or_create(meta()).unwrap();
         assert_eq!(job.replicas.len(), 2);
-        assert_eq!(blockdev::BlockDevice::size_bytes(&*job.replicas[&DiskId(3)].device), 3 << 20);
+        assert_eq!(
+            blockdev::BlockDevice::size_bytes(&*job.replicas[&DiskId(3)].device),
+            3 << 20
+        );
         assert_eq!(job.applied(), Seq::NONE);
         drop(job);
         drop(jobs);
@@ -636,6 +672,9 @@ mod tests {
         for bad in ["", "../x", ".hidden", "a/b", "x y"] {
             assert!(replica_path(dir, bad).is_err(), "{bad:?}");
         }
-        assert_eq!(replica_path(dir, "os-1.2_x").unwrap(), Path::new("/j/replicas/os-1.2_x.img"));
+        assert_eq!(
+            replica_path(dir, "os-1.2_x").unwrap(),
+            Path::new("/j/replicas/os-1.2_x.img")
+        );
     }
 }

@@ -59,7 +59,11 @@ pub enum LandingError {
 }
 
 /// Serves every stream of one agent's connection until it closes or `stop` fires.
-pub async fn serve_connection(connection: Connection, jobs: Arc<Jobs>, stop: watch::Receiver<bool>) {
+pub async fn serve_connection(
+    connection: Connection,
+    jobs: Arc<Jobs>,
+    stop: watch::Receiver<bool>,
+) {
     let agent = connection.peer_name().as_str().to_owned();
     let remote = connection.remote_address();
     tracing::info!(%agent, %remote, "agent connected");
@@ -210,7 +214,13 @@ async fn serve_stream(
     });
     tracing::info!(job = %job.id(), name = %job.meta().info.job_name, %agent, landed = %job.landing.durable_seq(), "streaming");
 
-    let result = land(&job, &mut lander, &mut rx, &mut tx, &mut sessions, session, &mut stop, &mut checkpoint_rx).await;
+    let signals = Signals {
+        sessions: &mut sessions,
+        session,
+        stop: &mut stop,
+        checkpoints: &mut checkpoint_rx,
+    };
+    let result = land(&job, &mut lander, &mut rx, &mut tx, signals).await;
     job.set_checkpoint_channel(None);
     let corrupt = lander.corrupt_records_total();
     job.update_link(|l| {
@@ -224,23 +234,39 @@ async fn serve_stream(
 }
 
 /// The streaming loop of one job.
+/// What, besides the agent's frames, a streaming loop listens to.
+struct Signals<'a> {
+    /// Bumped when a newer connection takes the job over.
+    sessions: &'a mut watch::Receiver<u64>,
+    /// This stream's session.
+    session: u64,
+    /// The appliance is stopping.
+    stop: &'a mut watch::Receiver<bool>,
+    /// Checkpoints operators asked for, to send to the agent.
+    checkpoints: &'a mut tokio::sync::mpsc::Receiver<journal::wire::CheckpointRequest>,
+}
+
 async fn land(
     job: &Arc<Job>,
     lander: &mut Lander,
     rx: &mut FrameReceiver,
     tx: &mut FrameSender,
-    sessions: &mut watch::Receiver<u64>,
-    session: u64,
-    stop: &mut watch::Receiver<bool>,
-    checkpoints: &mut tokio::sync::mpsc::Receiver<journal::wire::CheckpointRequest>,
+    signals: Signals<'_>,
 ) -> Result<(), LandingError> {
+    let Signals {
+        sessions,
+        session,
+        stop,
+        checkpoints,
+    } = signals;
     let mut sync_task: Option<JoinHandle<Result<Seq, SyncError>>> = None;
     let mut corrupt_seen = 0;
     loop {
         send_all(tx, lander).await?;
         let corrupt = lander.corrupt_records_total();
         if corrupt > corrupt_seen {
-            job.corrupt_records.fetch_add(corrupt - corrupt_seen, Ordering::Relaxed);
+            job.corrupt_records
+                .fetch_add(corrupt - corrupt_seen, Ordering::Relaxed);
             tracing::warn!(job = %job.id(), total = corrupt, "refused corrupt records; asked the agent to resend");
             corrupt_seen = corrupt;
         }
@@ -320,7 +346,8 @@ fn append_all(job: &Job, records: &[u8]) -> Result<(), LandingError> {
     while at < records.len() {
         // The lander verified every record in `records`, so each header decodes; a failure
         // here is reported, never skipped.
-        let header = decode_header(&records[at..]).map_err(|e| LandingError::Landing(format!("re-reading a verified record: {e}")))?;
+        let header = decode_header(&records[at..])
+            .map_err(|e| LandingError::Landing(format!("re-reading a verified record: {e}")))?;
         let end = at + header.record_bytes();
         let record = records
             .get(at..end)

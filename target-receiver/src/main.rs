@@ -20,15 +20,20 @@ fn main() -> anyhow::Result<()> {
         Command::Init(args) => {
             let summary = target_receiver::appliance::init(&args.data_dir)
                 .with_context(|| format!("initialising {}", args.data_dir.display()))?;
-            let verb = if summary.created { "initialised" } else { "already initialised" };
+            let verb = if summary.created {
+                "initialised"
+            } else {
+                "already initialised"
+            };
             println!("appliance {verb} in {}", args.data_dir.display());
             println!("certificate fingerprint: {}", summary.fingerprint);
             println!("API token: {}", summary.token_path.display());
             Ok(())
         }
         Command::Pair(args) => {
-            let bundle = target_receiver::cli::pair(&args)
-                .with_context(|| format!("making a pairing bundle in {}", args.data_dir.display()))?;
+            let bundle = target_receiver::cli::pair(&args).with_context(|| {
+                format!("making a pairing bundle in {}", args.data_dir.display())
+            })?;
             print!("{bundle}");
             eprintln!(
                 "pairing bundle valid for {}s: carry it to the agent and run `cdp-agent pair --data-dir DIR --bundle FILE`",
@@ -44,7 +49,9 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             runtime.block_on(async {
                 let stop = stop_signal().context("installing signal handlers")?;
-                target_receiver::run(config, stop).await.context("cdp-receiver run")
+                target_receiver::run(config, stop)
+                    .await
+                    .context("cdp-receiver run")
             })
         }
     }

@@ -89,7 +89,11 @@ pub struct RetentionOutcome {
 }
 
 /// One retention pass over `job`; `lease` is the lowest point a view holds. Blocking.
-pub fn retention_pass(job: &Job, policy: &RetentionPolicy, lease: Option<Seq>) -> Result<RetentionOutcome, RetentionError> {
+pub fn retention_pass(
+    job: &Job,
+    policy: &RetentionPolicy,
+    lease: Option<Seq>,
+) -> Result<RetentionOutcome, RetentionError> {
     let history = &job.history;
     let catalog = history.checkpoints()?;
     let mut outcome = RetentionOutcome {
@@ -129,7 +133,10 @@ pub fn retention_pass(job: &Job, policy: &RetentionPolicy, lease: Option<Seq>) -
             remove.push(c.seq);
             continue;
         }
-        if c.kind == CheckpointKind::Tagged || c.timestamp.0 >= hourly_before || Some(c.seq) == lease {
+        if c.kind == CheckpointKind::Tagged
+            || c.timestamp.0 >= hourly_before
+            || Some(c.seq) == lease
+        {
             continue;
         }
         let bucket = if c.timestamp.0 < daily_before {
@@ -149,6 +156,7 @@ pub fn retention_pass(job: &Job, policy: &RetentionPolicy, lease: Option<Seq>) -
     outcome.checkpoints = catalog.len() - remove.len();
     outcome.oldest = catalog.iter().find(|c| !removed.contains(&c.seq)).cloned();
     outcome.history_bytes = history.stats()?.bytes;
-    outcome.over_bound = policy.history_bytes_max > 0 && outcome.history_bytes > policy.history_bytes_max;
+    outcome.over_bound =
+        policy.history_bytes_max > 0 && outcome.history_bytes > policy.history_bytes_max;
     Ok(outcome)
 }

@@ -10,9 +10,15 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use web::api::{Control, DiskStatus, JobStatus};
+use web::api::{
+    ApiError, BoxFuture, CheckpointStatus, Control, CreateCheckpoint, CreateView, DiskStatus,
+    JobStatus, ViewExport, ViewStatus,
+};
 
+use crate::control::{self, ControlError};
+use crate::history::{Checkpoint, CheckpointKind};
 use crate::jobs::{mode_name, Job, Jobs};
+use crate::views::{self, View, Views};
 
 /// The job's state as the operator sees it.
 pub fn job_state(job: &Job) -> (&'static str, Option<String>) {
@@ -27,7 +33,10 @@ pub fn job_state(job: &Job) -> (&'static str, Option<String>) {
         Some(e) if e.starts_with("refused") => ("refused", Some(e)),
         Some(e) => ("disconnected", Some(e)),
         None if link.heartbeat.is_some() => ("disconnected", None),
-        None => ("waiting", Some("the agent has not connected since the appliance started".into())),
+        None => (
+            "waiting",
+            Some("the agent has not connected since the appliance started".into()),
+        ),
     }
 }
 
@@ -78,22 +87,151 @@ pub fn job_status(job: &Job) -> JobStatus {
     }
 }
 
+/// Where the appliance serves recovery views over NBD.
+#[derive(Debug, Clone)]
+pub struct ViewServer {
+    /// The NBD server's shared state (its export table).
+    pub context: Arc<nbd_server::ServerContext>,
+    /// The address clients dial.
+    pub addr: std::net::SocketAddr,
+}
+
 /// The REST API's view of the appliance.
 #[derive(Debug)]
 pub struct ApplianceControl {
     jobs: Arc<Jobs>,
+    views: Arc<Views>,
+    view_server: Option<ViewServer>,
 }
 
 impl ApplianceControl {
-    /// The control of `jobs`.
-    pub fn new(jobs: Arc<Jobs>) -> Self {
-        Self { jobs }
+    /// The control of `jobs` and `views`, serving views on `view_server` when there is one.
+    pub fn new(jobs: Arc<Jobs>, views: Arc<Views>, view_server: Option<ViewServer>) -> Self {
+        Self {
+            jobs,
+            views,
+            view_server,
+        }
+    }
+
+    fn view_status(&self, view: &View) -> ViewStatus {
+        let job = self.jobs.get(view.job);
+        ViewStatus {
+            id: view.id,
+            job: view.job.to_string(),
+            job_name: job
+                .as_ref()
+                .map_or_else(String::new, |j| j.meta().info.job_name.clone()),
+            seq: view.at.0,
+            time: job.as_ref().and_then(|j| control::point_time(j, view.at)),
+            writable: view.writable(),
+            exports: view
+                .disks
+                .values()
+                .map(|d| {
+                    let export = views::export_name(view.id, &d.name);
+                    ViewExport {
+                        disk: d.name.clone(),
+                        uri: self
+                            .view_server
+                            .as_ref()
+                            .map_or_else(String::new, |s| format!("nbd://{}/{export}", s.addr)),
+                        export,
+                        size_bytes: d.size_bytes(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+fn api_error(e: ControlError) -> ApiError {
+    match e {
+        ControlError::NotFound(m) => ApiError::NotFound(m),
+        ControlError::BadRequest(m) => ApiError::BadRequest(m),
+        ControlError::Conflict(m) => ApiError::Conflict(m),
+        ControlError::Timeout(m) => ApiError::Unavailable(m),
+        ControlError::Internal(m) => ApiError::Internal(m),
+    }
+}
+
+fn checkpoint_status(c: &Checkpoint) -> CheckpointStatus {
+    CheckpointStatus {
+        seq: c.seq.0,
+        time: control::format_time(c.timestamp.0),
+        unix_micros: c.timestamp.0,
+        kind: match c.kind {
+            CheckpointKind::Auto => "auto",
+            CheckpointKind::Tagged => "tagged",
+        }
+        .to_owned(),
+        app_consistent: c.app_consistent,
+        tags: c.tags.clone(),
     }
 }
 
 impl Control for ApplianceControl {
     fn jobs(&self) -> Vec<JobStatus> {
         self.jobs.all().iter().map(|job| job_status(job)).collect()
+    }
+
+    fn checkpoints(&self, job: &str) -> Result<Vec<CheckpointStatus>, ApiError> {
+        let job = control::find_job(&self.jobs, job).map_err(api_error)?;
+        let catalog = job.history.checkpoints().map_err(|e| api_error(e.into()))?;
+        Ok(catalog.iter().map(checkpoint_status).collect())
+    }
+
+    fn create_checkpoint(
+        &self,
+        job: &str,
+        request: CreateCheckpoint,
+    ) -> BoxFuture<'_, Result<CheckpointStatus, ApiError>> {
+        let job = control::find_job(&self.jobs, job);
+        Box::pin(async move {
+            let job = job.map_err(api_error)?;
+            let checkpoint = control::create_checkpoint(job, request.tags, request.app_consistent)
+                .await
+                .map_err(api_error)?;
+            Ok(checkpoint_status(&checkpoint))
+        })
+    }
+
+    fn views(&self) -> Vec<ViewStatus> {
+        self.views
+            .list()
+            .iter()
+            .map(|v| self.view_status(v))
+            .collect()
+    }
+
+    fn create_view(&self, request: CreateView) -> Result<ViewStatus, ApiError> {
+        let server = self.view_server.as_ref().ok_or_else(|| {
+            ApiError::Conflict(
+                "this appliance serves no views: start it with --view-listen ADDR".into(),
+            )
+        })?;
+        let job = control::find_job(&self.jobs, &request.job).map_err(api_error)?;
+        let view = control::create_view(&self.views, &job, &request.at, request.writable)
+            .map_err(api_error)?;
+        if let Err(e) = views::add_exports(&server.context, &view) {
+            views::remove_exports(&server.context, &view);
+            self.views.delete(view.id);
+            return Err(ApiError::Internal(e.to_string()));
+        }
+        tracing::info!(view = view.id, job = %view.job, seq = %view.at, writable = view.writable(), "view created");
+        Ok(self.view_status(&view))
+    }
+
+    fn delete_view(&self, id: u64) -> Result<(), ApiError> {
+        let view = self
+            .views
+            .delete(id)
+            .ok_or_else(|| ApiError::NotFound(format!("no view {id}")))?;
+        if let Some(server) = &self.view_server {
+            views::remove_exports(&server.context, &view);
+        }
+        tracing::info!(view = id, "view deleted");
+        Ok(())
     }
 }
 
@@ -155,9 +293,21 @@ impl ApplianceMetrics {
             consistent: Family::default(),
         };
         let r = &mut m.registry;
-        r.register("cdp_landing_durable_seq", "Last seq durable in the job's landing journal", m.landing_durable_seq.clone());
-        r.register("cdp_applied_seq", "Last seq applied to the job's replica disks", m.applied_seq.clone());
-        r.register("cdp_apply_lag_records", "Records landed but not yet applied", m.apply_lag_records.clone());
+        r.register(
+            "cdp_landing_durable_seq",
+            "Last seq durable in the job's landing journal",
+            m.landing_durable_seq.clone(),
+        );
+        r.register(
+            "cdp_applied_seq",
+            "Last seq applied to the job's replica disks",
+            m.applied_seq.clone(),
+        );
+        r.register(
+            "cdp_apply_lag_records",
+            "Records landed but not yet applied",
+            m.apply_lag_records.clone(),
+        );
         r.register(
             "cdp_rpo_seconds",
             "Age of the oldest write not yet durable at the appliance, as last reported by the agent (its clock)",
@@ -168,21 +318,41 @@ impl ApplianceMetrics {
             "Seconds since the agent's last heartbeat (on the appliance's clock)",
             m.heartbeat_age_seconds.clone(),
         );
-        r.register("cdp_landed_bytes", "Stored record bytes landed since the appliance started", m.landed_bytes.clone());
+        r.register(
+            "cdp_landed_bytes",
+            "Stored record bytes landed since the appliance started",
+            m.landed_bytes.clone(),
+        );
         r.register(
             "cdp_corrupt_records",
             "Records refused for a failed checksum, framing or seq (then fetched again)",
             m.corrupt_records.clone(),
         );
-        r.register("cdp_job_state", "1 for the job's current state, 0 for the others", m.job_state.clone());
-        r.register("cdp_job_connected", "1 while the job's agent is connected", m.connected.clone());
+        r.register(
+            "cdp_job_state",
+            "1 for the job's current state, 0 for the others",
+            m.job_state.clone(),
+        );
+        r.register(
+            "cdp_job_connected",
+            "1 while the job's agent is connected",
+            m.connected.clone(),
+        );
         r.register(
             "cdp_history_oldest_seconds",
             "Age of the oldest recoverable checkpoint (appliance clock minus the agent's timestamp)",
             m.history_oldest_seconds.clone(),
         );
-        r.register("cdp_history_bytes", "Bytes of the job's history store (RocksDB estimate)", m.history_bytes.clone());
-        r.register("cdp_checkpoints", "Checkpoints in the job's catalog", m.checkpoints.clone());
+        r.register(
+            "cdp_history_bytes",
+            "Bytes of the job's history store (RocksDB estimate)",
+            m.history_bytes.clone(),
+        );
+        r.register(
+            "cdp_checkpoints",
+            "Checkpoints in the job's catalog",
+            m.checkpoints.clone(),
+        );
         r.register(
             "cdp_history_over_bound",
             "1 while the job's history is larger than --history-bytes-max (nothing is removed for it)",
@@ -204,37 +374,61 @@ impl ApplianceMetrics {
             };
             let status = job_status(&job);
             let landed = Seq(status.landing_durable_seq);
-            self.landing_durable_seq.get_or_create(&label).set(landed.0 as i64);
-            self.applied_seq.get_or_create(&label).set(status.applied_seq as i64);
-            self.apply_lag_records.get_or_create(&label).set(status.apply_lag_records as i64);
-            self.rpo_seconds.get_or_create(&label).set(status.rpo_seconds);
+            self.landing_durable_seq
+                .get_or_create(&label)
+                .set(landed.0 as i64);
+            self.applied_seq
+                .get_or_create(&label)
+                .set(status.applied_seq as i64);
+            self.apply_lag_records
+                .get_or_create(&label)
+                .set(status.apply_lag_records as i64);
+            self.rpo_seconds
+                .get_or_create(&label)
+                .set(status.rpo_seconds);
             if let Some(age) = status.last_heartbeat_age_seconds {
                 self.heartbeat_age_seconds.get_or_create(&label).set(age);
             }
-            set_counter(&self.landed_bytes.get_or_create(&label), job.landed_bytes.load(std::sync::atomic::Ordering::Relaxed));
+            set_counter(
+                &self.landed_bytes.get_or_create(&label),
+                job.landed_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            );
             set_counter(
                 &self.corrupt_records.get_or_create(&label),
-                job.corrupt_records.load(std::sync::atomic::Ordering::Relaxed),
+                job.corrupt_records
+                    .load(std::sync::atomic::Ordering::Relaxed),
             );
             for state in JOB_STATES {
                 let label = JobStateLabel {
                     job: label.job.clone(),
                     state: state.to_owned(),
                 };
-                self.job_state.get_or_create(&label).set(i64::from(status.state == state));
+                self.job_state
+                    .get_or_create(&label)
+                    .set(i64::from(status.state == state));
             }
-            self.connected.get_or_create(&label).set(i64::from(status.connected));
-            self.consistent.get_or_create(&label).set(i64::from(status.consistent));
+            self.connected
+                .get_or_create(&label)
+                .set(i64::from(status.connected));
+            self.consistent
+                .get_or_create(&label)
+                .set(i64::from(status.consistent));
             if let Some(r) = job.retention() {
                 if let Some(oldest) = &r.oldest {
-                    let age = crate::control::now_micros().saturating_sub(oldest.timestamp.0) as f64 / 1e6;
+                    let age = crate::control::now_micros().saturating_sub(oldest.timestamp.0)
+                        as f64
+                        / 1e6;
                     self.history_oldest_seconds.get_or_create(&label).set(age);
                 }
                 self.history_bytes
                     .get_or_create(&label)
                     .set(i64::try_from(r.history_bytes).unwrap_or(i64::MAX));
-                self.checkpoints.get_or_create(&label).set(r.checkpoints as i64);
-                self.history_over_bound.get_or_create(&label).set(i64::from(r.over_bound));
+                self.checkpoints
+                    .get_or_create(&label)
+                    .set(r.checkpoints as i64);
+                self.history_over_bound
+                    .get_or_create(&label)
+                    .set(i64::from(r.over_bound));
             }
         }
         let mut text = String::new();

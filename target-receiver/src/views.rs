@@ -81,8 +81,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Reads `buf.len()` bytes from `offset` of disk `disk` of `job` as they were at `at`.
-pub fn read_at(job: &Job, disk: DiskId, at: Seq, offset: u64, buf: &mut [u8]) -> Result<(), ViewError> {
-    let replica = job.replicas.get(&disk).ok_or(ViewError::UnknownDisk(disk))?;
+pub fn read_at(
+    job: &Job,
+    disk: DiskId,
+    at: Seq,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), ViewError> {
+    let replica = job
+        .replicas
+        .get(&disk)
+        .ok_or(ViewError::UnknownDisk(disk))?;
     let size_bytes = replica.device.size_bytes();
     let end = offset
         .checked_add(buf.len() as u64)
@@ -96,10 +105,13 @@ pub fn read_at(job: &Job, disk: DiskId, at: Seq, offset: u64, buf: &mut [u8]) ->
         return Ok(());
     }
     // The replica first, then the history (see the module docs for why this order).
-    replica.device.read_at(buf, offset).map_err(|source| ViewError::Io {
-        what: format!("replica {}", replica.path.display()),
-        source,
-    })?;
+    replica
+        .device
+        .read_at(buf, offset)
+        .map_err(|source| ViewError::Io {
+            what: format!("replica {}", replica.path.display()),
+            source,
+        })?;
     let mut reader = job.history.reader(disk, at)?;
     let block_bytes = BLOCK_BYTES as u64;
     for block in offset / block_bytes..=(end - 1) / block_bytes {
@@ -108,8 +120,9 @@ pub fn read_at(job: &Job, disk: DiskId, at: Seq, offset: u64, buf: &mut [u8]) ->
             let from = offset.max(block_start);
             let to = end.min(block_start + block_bytes);
             let image = image.to_vec();
-            buf[(from - offset) as usize..(to - offset) as usize]
-                .copy_from_slice(&image[(from - block_start) as usize..(to - block_start) as usize]);
+            buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(
+                &image[(from - block_start) as usize..(to - block_start) as usize],
+            );
         }
     }
     Ok(())
@@ -142,7 +155,10 @@ pub struct ViewDisk {
 impl ViewDisk {
     /// The disk's size.
     pub fn size_bytes(&self) -> u64 {
-        self.job.replicas.get(&self.disk).map_or(0, |r| r.device.size_bytes())
+        self.job
+            .replicas
+            .get(&self.disk)
+            .map_or(0, |r| r.device.size_bytes())
     }
 
     /// Whether writes are accepted.
@@ -167,7 +183,10 @@ impl ViewDisk {
             let to = end.min((block + 1) * block_bytes);
             overlay
                 .file
-                .read_at(&mut buf[(from - offset) as usize..(to - offset) as usize], from)
+                .read_at(
+                    &mut buf[(from - offset) as usize..(to - offset) as usize],
+                    from,
+                )
                 .map_err(|source| ViewError::Io {
                     what: format!("overlay {}", overlay.path.display()),
                     source,
@@ -206,7 +225,10 @@ impl ViewDisk {
             let len = size_bytes.saturating_sub(block_start).min(block_bytes) as usize;
             let mut content = vec![0u8; len];
             if blocks.contains(&block) {
-                overlay.file.read_at(&mut content, block_start).map_err(io)?;
+                overlay
+                    .file
+                    .read_at(&mut content, block_start)
+                    .map_err(io)?;
             } else {
                 read_at(&self.job, self.disk, self.at, block_start, &mut content)?;
             }
@@ -214,7 +236,8 @@ impl ViewDisk {
             let to = end.min(block_start + len as u64);
             let range = (from - block_start) as usize..(to - block_start) as usize;
             match data {
-                Some(data) => content[range].copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]),
+                Some(data) => content[range]
+                    .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]),
                 None => content[range].fill(0),
             }
             overlay.file.write_at(&content, block_start).map_err(io)?;
@@ -299,9 +322,11 @@ impl Views {
             let overlay = match &dir {
                 Some(dir) => {
                     let path = dir.join(format!("{}.overlay", replica.info.name));
-                    let file = create_image(&path, replica.info.size_bytes).map_err(|source| ViewError::Io {
-                        what: path.display().to_string(),
-                        source,
+                    let file = create_image(&path, replica.info.size_bytes).map_err(|source| {
+                        ViewError::Io {
+                            what: path.display().to_string(),
+                            source,
+                        }
                     })?;
                     Some(Overlay {
                         file,
@@ -356,7 +381,11 @@ impl Views {
 
     /// The lowest point a view of `job` holds, if any: retention keeps everything from it.
     pub fn lease(&self, job: JobId) -> Option<Seq> {
-        lock(&self.views).values().filter(|v| v.job == job).map(|v| v.at).min()
+        lock(&self.views)
+            .values()
+            .filter(|v| v.job == job)
+            .map(|v| v.at)
+            .min()
     }
 
     /// Runs `f` while no view can be created or deleted (retention uses it to pick a floor
@@ -365,5 +394,107 @@ impl Views {
         let views = lock(&self.views);
         let lease = |job: JobId| views.values().filter(|v| v.job == job).map(|v| v.at).min();
         f(&lease)
+    }
+}
+
+/// Largest read or write a view's export accepts (advertised as its maximum block size).
+pub const VIEW_REQUEST_BYTES_MAX: u32 = 32 << 20;
+
+/// One disk of a view as an NBD export's backend.
+#[derive(Debug)]
+pub struct ViewBackend(pub Arc<ViewDisk>);
+
+impl ViewBackend {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ViewDisk) -> Result<T, ViewError> + Send + 'static,
+    ) -> Result<T, nbd_server::BackendError> {
+        let disk = Arc::clone(&self.0);
+        tokio::task::spawn_blocking(move || f(&disk))
+            .await
+            .map_err(|e| {
+                nbd_server::BackendError::new(nbd::ErrorCode::EIO, format!("view task failed: {e}"))
+            })?
+            .map_err(|e| {
+                let code = match e {
+                    ViewError::ReadOnly => nbd::ErrorCode::EPERM,
+                    _ => nbd::ErrorCode::EIO,
+                };
+                nbd_server::BackendError::new(code, e.to_string())
+            })
+    }
+}
+
+impl nbd_server::ExportBackend for ViewBackend {
+    fn size_bytes(&self) -> u64 {
+        self.0.size_bytes()
+    }
+
+    fn execute(&self, op: nbd::Operation, payload: Vec<u8>) -> nbd_server::BackendFuture<'_> {
+        Box::pin(async move {
+            match op {
+                nbd::Operation::Read { offset, length } => {
+                    self.blocking(move |disk| {
+                        let mut buf = vec![0u8; length as usize];
+                        disk.read(offset, &mut buf).map(|()| Some(buf))
+                    })
+                    .await
+                }
+                nbd::Operation::Write { offset, .. } => {
+                    self.blocking(move |disk| {
+                        let length = payload.len() as u64;
+                        disk.write(offset, Some(&payload), length).map(|()| None)
+                    })
+                    .await
+                }
+                nbd::Operation::Trim { offset, length, .. }
+                | nbd::Operation::WriteZeroes { offset, length, .. } => {
+                    self.blocking(move |disk| {
+                        disk.write(offset, None, u64::from(length)).map(|()| None)
+                    })
+                    .await
+                }
+                // The overlay is scratch space for a test or a recovery and does not outlive
+                // the appliance's process, so there is nothing to make durable.
+                nbd::Operation::Flush => Ok(None),
+            }
+        })
+    }
+}
+
+/// The NBD export name of disk `disk` of view `id`.
+pub fn export_name(id: u64, disk: &str) -> String {
+    format!("view{id}-{disk}")
+}
+
+/// Serves a view's disks on `server` (one export per disk).
+pub fn add_exports(server: &nbd_server::ServerContext, view: &View) -> Result<(), ViewError> {
+    for disk in view.disks.values() {
+        let export = nbd_server::Export {
+            name: export_name(view.id, &disk.name),
+            description: format!(
+                "cdp recovery view {} of job {} at seq {}: disk {}",
+                view.id, view.job, view.at, disk.name
+            ),
+            block_sizes: nbd::BlockSizes {
+                min_bytes: 512,
+                preferred_bytes: BLOCK_BYTES as u32,
+                max_bytes: VIEW_REQUEST_BYTES_MAX,
+            },
+            backend: Arc::new(ViewBackend(Arc::clone(disk))),
+            read_only: !disk.writable(),
+        };
+        server.add_export(export).map_err(|e| ViewError::Io {
+            what: format!("export of view {}", view.id),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
+    Ok(())
+}
+
+/// Stops serving a view's disks; connections finish what is in flight and close.
+pub fn remove_exports(server: &nbd_server::ServerContext, view: &View) {
+    for disk in view.disks.values() {
+        server.remove_export(&export_name(view.id, &disk.name));
     }
 }

@@ -17,7 +17,9 @@ use blockdev::BlockDevice;
 use journal::mark::CheckpointMark;
 use journal::ship::JobInfo;
 use journal::wire::{DiskInfo, Mode};
-use journal::{encode_record, Compression, DiskId, Entry, Flags, Generation, JobId, RecordKind, Seq, Timestamp};
+use journal::{
+    encode_record, Compression, DiskId, Entry, Flags, Generation, JobId, RecordKind, Seq, Timestamp,
+};
 use target_receiver::apply::{apply_pass, ApplyError};
 use target_receiver::jobs::{Job, JobMeta, Jobs};
 use target_receiver::views::read_at;
@@ -75,9 +77,15 @@ impl Model {
             let (id, size) = DISKS[(i % 2) as usize];
             let offset = ((round * 7919 + i * 4099) * 512) % (size - (16 << 10));
             let length = 512 * (1 + (i * 13 + round) % 24);
-            let kind = if i % 7 == 3 { RecordKind::WriteZeroes } else { RecordKind::Write };
+            let kind = if i % 7 == 3 {
+                RecordKind::WriteZeroes
+            } else {
+                RecordKind::Write
+            };
             let payload: Vec<u8> = if kind == RecordKind::Write {
-                (0..length).map(|b| (b as u8) ^ (round as u8) ^ (i as u8)).collect()
+                (0..length)
+                    .map(|b| (b as u8) ^ (round as u8) ^ (i as u8))
+                    .collect()
             } else {
                 Vec::new()
             };
@@ -87,15 +95,18 @@ impl Model {
                 RecordKind::Write => image[range].copy_from_slice(&payload),
                 _ => image[range].fill(0),
             }
-            self.push(job, Entry {
-                disk: DiskId(id),
-                kind,
-                offset,
-                length: length as u32,
-                payload: &payload,
-                timestamp: Timestamp(round * 1000 + i),
-                flags: Flags::NONE,
-            });
+            self.push(
+                job,
+                Entry {
+                    disk: DiskId(id),
+                    kind,
+                    offset,
+                    length: length as u32,
+                    payload: &payload,
+                    timestamp: Timestamp(round * 1000 + i),
+                    flags: Flags::NONE,
+                },
+            );
         }
         let mark = CheckpointMark {
             request_id: round,
@@ -104,22 +115,26 @@ impl Model {
         }
         .encode()
         .unwrap();
-        self.push(job, Entry {
-            disk: DiskId(0),
-            kind: RecordKind::Checkpoint,
-            offset: 0,
-            length: mark.len() as u32,
-            payload: &mark,
-            timestamp: Timestamp(round * 1000 + 999),
-            flags: Flags::NONE,
-        });
+        self.push(
+            job,
+            Entry {
+                disk: DiskId(0),
+                kind: RecordKind::Checkpoint,
+                offset: 0,
+                length: mark.len() as u32,
+                payload: &mark,
+                timestamp: Timestamp(round * 1000 + 999),
+                flags: Flags::NONE,
+            },
+        );
         self.snapshots.insert(self.head, self.disks.clone());
         job.landing.sync().unwrap();
     }
 
     fn push(&mut self, job: &Job, entry: Entry<'_>) {
         self.head = self.head.next();
-        let bytes = encode_record(&entry, Generation(1), self.head, Compression::default()).unwrap();
+        let bytes =
+            encode_record(&entry, Generation(1), self.head, Compression::default()).unwrap();
         job.landing.append_stored(&bytes).unwrap();
     }
 
@@ -128,13 +143,22 @@ impl Model {
             for (&id, expected) in disks {
                 let mut buf = vec![0u8; expected.len()];
                 read_at(job, DiskId(id), *seq, 0, &mut buf).unwrap();
-                assert!(buf == *expected, "{context}: disk {id} at {seq} differs from the model");
+                assert!(
+                    buf == *expected,
+                    "{context}: disk {id} at {seq} differs from the model"
+                );
             }
         }
         for (&id, expected) in &self.disks {
             let mut buf = vec![0u8; expected.len()];
-            job.replicas[&DiskId(id)].device.read_at(&mut buf, 0).unwrap();
-            assert!(buf == *expected, "{context}: replica {id} differs from the model");
+            job.replicas[&DiskId(id)]
+                .device
+                .read_at(&mut buf, 0)
+                .unwrap();
+            assert!(
+                buf == *expected,
+                "{context}: replica {id} differs from the model"
+            );
         }
     }
 }
@@ -151,7 +175,10 @@ fn a_crash_at_any_failpoint_recovers_to_the_same_bytes() {
     for name in FAILPOINTS {
         let dir = tempfile::tempdir().unwrap();
         let mut model = Model {
-            disks: DISKS.iter().map(|&(id, size)| (id, vec![0u8; size as usize])).collect(),
+            disks: DISKS
+                .iter()
+                .map(|&(id, size)| (id, vec![0u8; size as usize]))
+                .collect(),
             snapshots: BTreeMap::new(),
             head: Seq::NONE,
         };
@@ -179,7 +206,10 @@ fn a_crash_at_any_failpoint_recovers_to_the_same_bytes() {
     // A crash in the middle of recovery itself: recovery runs again and finishes.
     let dir = tempfile::tempdir().unwrap();
     let mut model = Model {
-        disks: DISKS.iter().map(|&(id, size)| (id, vec![0u8; size as usize])).collect(),
+        disks: DISKS
+            .iter()
+            .map(|&(id, size)| (id, vec![0u8; size as usize]))
+            .collect(),
         snapshots: BTreeMap::new(),
         head: Seq::NONE,
     };

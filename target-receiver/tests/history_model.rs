@@ -16,7 +16,9 @@ use blockdev::BlockDevice;
 use journal::mark::CheckpointMark;
 use journal::ship::JobInfo;
 use journal::wire::{DiskInfo, Mode};
-use journal::{encode_record, Compression, DiskId, Entry, Flags, Generation, JobId, RecordKind, Seq, Timestamp};
+use journal::{
+    encode_record, Compression, DiskId, Entry, Flags, Generation, JobId, RecordKind, Seq, Timestamp,
+};
 use target_receiver::apply::apply_pass;
 use target_receiver::jobs::{Job, JobMeta, Jobs};
 use target_receiver::retention::{retention_pass, RetentionPolicy};
@@ -37,7 +39,11 @@ impl Rng {
 }
 
 /// Disk sizes: one not a multiple of the 4 KiB history block.
-const DISKS: [(u32, &str, u64); 3] = [(0, "os", 256 << 10), (1, "data", (1 << 20) + 512), (7, "log", 128 << 10)];
+const DISKS: [(u32, &str, u64); 3] = [
+    (0, "os", 256 << 10),
+    (1, "data", (1 << 20) + 512),
+    (7, "log", 128 << 10),
+];
 
 fn meta() -> JobMeta {
     JobMeta {
@@ -72,7 +78,8 @@ struct World {
 impl World {
     fn append(&mut self, entry: Entry<'_>) {
         self.head = self.head.next();
-        let bytes = encode_record(&entry, Generation(1), self.head, Compression::default()).unwrap();
+        let bytes =
+            encode_record(&entry, Generation(1), self.head, Compression::default()).unwrap();
         assert_eq!(self.job.landing.append_stored(&bytes).unwrap(), self.head);
     }
 
@@ -93,7 +100,15 @@ impl World {
         let payload: Vec<u8> = if kind == RecordKind::Write {
             // Compressible and incompressible payloads alike.
             let fill = rng.next();
-            (0..length).map(|i| if fill % 2 == 0 { (fill >> 8) as u8 } else { (fill.wrapping_mul(i + 1) >> 24) as u8 }).collect()
+            (0..length)
+                .map(|i| {
+                    if fill.is_multiple_of(2) {
+                        (fill >> 8) as u8
+                    } else {
+                        (fill.wrapping_mul(i + 1) >> 24) as u8
+                    }
+                })
+                .collect()
         } else {
             Vec::new()
         };
@@ -150,9 +165,19 @@ impl World {
     fn check(&self, seed: u64) {
         let catalog = self.job.history.checkpoints().unwrap();
         let floor = self.job.history.floor();
-        for cp in catalog.iter().filter(|c| c.tags.iter().any(|t| t.starts_with('t'))) {
-            let expected = self.snapshots.get(&cp.seq).unwrap_or_else(|| panic!("seed {seed}: catalog has {} the model lacks", cp.seq));
-            assert!(cp.seq >= floor, "seed {seed}: checkpoint {} below the floor {floor}", cp.seq);
+        for cp in catalog
+            .iter()
+            .filter(|c| c.tags.iter().any(|t| t.starts_with('t')))
+        {
+            let expected = self
+                .snapshots
+                .get(&cp.seq)
+                .unwrap_or_else(|| panic!("seed {seed}: catalog has {} the model lacks", cp.seq));
+            assert!(
+                cp.seq >= floor,
+                "seed {seed}: checkpoint {} below the floor {floor}",
+                cp.seq
+            );
             for &(id, name, size) in &DISKS {
                 let mut buf = vec![0u8; size as usize];
                 read_at(&self.job, DiskId(id), cp.seq, 0, &mut buf).unwrap();
@@ -167,14 +192,27 @@ impl World {
         // Tagged checkpoints the model made and the applier passed are all in the catalog.
         let applied = self.job.applied();
         let in_catalog: Vec<Seq> = catalog.iter().map(|c| c.seq).collect();
-        for seq in self.snapshots.keys().filter(|&&s| s <= applied && s >= floor) {
-            assert!(in_catalog.contains(seq), "seed {seed}: checkpoint {seq} missing from the catalog");
+        for seq in self
+            .snapshots
+            .keys()
+            .filter(|&&s| s <= applied && s >= floor)
+        {
+            assert!(
+                in_catalog.contains(seq),
+                "seed {seed}: checkpoint {seq} missing from the catalog"
+            );
         }
         if applied == self.head {
             for &(id, name, size) in &DISKS {
                 let mut buf = vec![0u8; size as usize];
-                self.job.replicas[&DiskId(id)].device.read_at(&mut buf, 0).unwrap();
-                assert_eq!(buf, self.disks[&id], "seed {seed}: replica {name} differs from the model");
+                self.job.replicas[&DiskId(id)]
+                    .device
+                    .read_at(&mut buf, 0)
+                    .unwrap();
+                assert_eq!(
+                    buf, self.disks[&id],
+                    "seed {seed}: replica {name} differs from the model"
+                );
             }
         }
     }
@@ -190,7 +228,10 @@ fn run(seed: u64) {
     job.set_checkpoint_interval(Duration::from_secs(u64::MAX / 2_000_000));
     let mut world = World {
         job,
-        disks: DISKS.iter().map(|&(id, _, size)| (id, vec![0u8; size as usize])).collect(),
+        disks: DISKS
+            .iter()
+            .map(|&(id, _, size)| (id, vec![0u8; size as usize]))
+            .collect(),
         snapshots: BTreeMap::new(),
         head: Seq::NONE,
         clock: 1_000_000,
@@ -228,14 +269,26 @@ fn run(seed: u64) {
         apply_pass(&world.job, world.head).unwrap();
     }
     world.check(seed);
-    assert!(world.job.history.stats().unwrap().entries > 0, "seed {seed}: no history recorded");
-    assert!(world.job.history.floor() > Seq::NONE, "seed {seed}: retention never raised the floor");
-    assert!(world.snapshots.len() > 3, "seed {seed}: too few checkpoints survived to check");
+    assert!(
+        world.job.history.stats().unwrap().entries > 0,
+        "seed {seed}: no history recorded"
+    );
+    assert!(
+        world.job.history.floor() > Seq::NONE,
+        "seed {seed}: retention never raised the floor"
+    );
+    assert!(
+        world.snapshots.len() > 3,
+        "seed {seed}: too few checkpoints survived to check"
+    );
 }
 
 #[test]
 fn every_retained_checkpoint_reads_back_as_the_model() {
-    match std::env::var("CDP_TEST_SEED").ok().and_then(|s| s.parse().ok()) {
+    match std::env::var("CDP_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         Some(seed) => run(seed),
         None => {
             for seed in [1, 0x5eed, 0xdead_beef] {

@@ -165,7 +165,7 @@ impl Model {
     /// A model holding `bytes`.
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
         assert!(
-            bytes.len() as u64 % SECTOR_BYTES == 0,
+            (bytes.len() as u64).is_multiple_of(SECTOR_BYTES),
             "model size not a multiple of {SECTOR_BYTES}"
         );
         let sectors = bytes.len() / SECTOR_BYTES as usize;
@@ -216,7 +216,7 @@ impl Model {
     /// Records a discard: the sectors read back unspecified until rewritten.
     pub fn discard(&mut self, offset: u64, len: u64) {
         assert!(
-            offset % SECTOR_BYTES == 0 && len % SECTOR_BYTES == 0,
+            offset.is_multiple_of(SECTOR_BYTES) && len.is_multiple_of(SECTOR_BYTES),
             "discard {offset}+{len} not sector-aligned"
         );
         let _ = self.range_mut(offset, len);

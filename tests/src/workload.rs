@@ -180,7 +180,7 @@ pub fn random_len(rng: &mut Rng, max_bytes: u64) -> u64 {
 /// writes, some with random content, FUA, write-zeroes (with and without unmap), discards,
 /// flushes and batches of concurrent non-overlapping async writes. Ends with a flush.
 pub fn random_ops(rng: &mut Rng, start: u64, end: u64, n: usize) -> Vec<Op> {
-    assert!(start % SECTOR_BYTES == 0 && end % SECTOR_BYTES == 0 && start < end);
+    assert!(start.is_multiple_of(SECTOR_BYTES) && end.is_multiple_of(SECTOR_BYTES) && start < end);
     let span = end - start;
     let place = |rng: &mut Rng| {
         let len = random_len(rng, span);

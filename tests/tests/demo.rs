@@ -102,10 +102,18 @@ fn demo_replicates_a_qemu_io_write_and_stops_cleanly() -> Result<()> {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let err: Vec<String> = erx.try_iter().collect();
-                bail!("cdp demo ended before its guide:\n{}\n{}", lines.join("\n"), err.join("\n"));
+                bail!(
+                    "cdp demo ended before its guide:\n{}\n{}",
+                    lines.join("\n"),
+                    err.join("\n")
+                );
             }
         }
-        ensure!(Instant::now() < deadline, "no guide after {GUIDE_TIMEOUT:?}:\n{}", lines.join("\n"));
+        ensure!(
+            Instant::now() < deadline,
+            "no guide after {GUIDE_TIMEOUT:?}:\n{}",
+            lines.join("\n")
+        );
     }
 
     // The exact qemu-io command the guide prints.
@@ -115,7 +123,10 @@ fn demo_replicates_a_qemu_io_write_and_stops_cleanly() -> Result<()> {
         .nth(1)
         .context("the qemu-io command has no quoted URI")?
         .to_owned();
-    ensure!(uri.starts_with("nbd+unix:///disk0?socket="), "unexpected URI {uri}");
+    ensure!(
+        uri.starts_with("nbd+unix:///disk0?socket="),
+        "unexpected URI {uri}"
+    );
     let replica = line_after(&lines, "The replica is ").context("the guide names no replica")?;
     let replica = std::path::PathBuf::from(replica);
     let source = demo_dir.join("source/disk0.img");
@@ -127,8 +138,12 @@ fn demo_replicates_a_qemu_io_write_and_stops_cleanly() -> Result<()> {
         Ok((blake3_file(&replica)? == expected).then_some(()))
     })?;
     let mut head = vec![0u8; 1 << 20];
-    std::fs::File::open(&replica).and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0))?;
-    ensure!(head.iter().all(|&b| b == 0xab), "the replica does not hold the pattern written");
+    std::fs::File::open(&replica)
+        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0))?;
+    ensure!(
+        head.iter().all(|&b| b == 0xab),
+        "the replica does not hold the pattern written"
+    );
 
     // `cdp status` as the guide says.
     let status_line = line_after(&lines, "Watch it replicate:").map(|_| ());
@@ -138,7 +153,11 @@ fn demo_replicates_a_qemu_io_write_and_stops_cleanly() -> Result<()> {
         .arg(demo_dir.join("appliance"))
         .arg("status")
         .run_ok()?;
-    ensure!(status.stdout.contains("replicating"), "cdp status:\n{}", status.stdout);
+    ensure!(
+        status.stdout.contains("replicating"),
+        "cdp status:\n{}",
+        status.stdout
+    );
 
     // Ctrl-C stops both children and cdp exits 0.
     cdp_tests::cmd::signal(demo.child.id(), libc::SIGINT)?;
@@ -147,13 +166,21 @@ fn demo_replicates_a_qemu_io_write_and_stops_cleanly() -> Result<()> {
         if let Some(status) = demo.child.try_wait()? {
             break status;
         }
-        ensure!(Instant::now() < deadline, "cdp demo did not stop after SIGINT");
+        ensure!(
+            Instant::now() < deadline,
+            "cdp demo did not stop after SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     let rest: Vec<String> = rx.try_iter().collect();
-    ensure!(status.success(), "cdp demo exited with {status}:\n{}", rest.join("\n"));
     ensure!(
-        rest.iter().any(|l| l.contains("cdp-agent: stopped")) && rest.iter().any(|l| l.contains("cdp-receiver: stopped")),
+        status.success(),
+        "cdp demo exited with {status}:\n{}",
+        rest.join("\n")
+    );
+    ensure!(
+        rest.iter().any(|l| l.contains("cdp-agent: stopped"))
+            && rest.iter().any(|l| l.contains("cdp-receiver: stopped")),
         "the demo did not report both children stopped:\n{}",
         rest.join("\n")
     );

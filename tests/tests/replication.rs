@@ -204,7 +204,7 @@ fn replicas_equal_sources_for_several_disks() -> Result<()> {
     for i in 0..disk_count {
         builder = builder.disk(&format!("d{i}"), rng.range(8, 32) * MIB);
     }
-    let agent = builder.start()?;
+    let mut agent = builder.start()?;
     print_dirs(test, &agent, &appliance);
     let job = agent.job_id()?;
     let source = Source::create(&mut rng, &agent.dir().join("source.bin"))?;
@@ -306,7 +306,9 @@ fn replicas_equal_sources_for_several_disks() -> Result<()> {
         "`cdp status --json`: expected job {job} replicating, got {status:?}"
     );
 
-    agent.finish()?;
+    // A replicating agent trims its journal behind the appliance's acks, so a replay from
+    // zeroes is not possible; the replica compared with the source above is the check.
+    agent.stop()?;
     appliance.stop()?;
     Ok(())
 }
@@ -526,7 +528,9 @@ fn agent_kill9_mid_stream_loses_no_acknowledged_fua_or_flushed_write() -> Result
             "after kill -9 of the agent; the write in flight at the kill was {in_flight:?}{note}"
         )));
     }
-    agent.finish()?;
+    // A replicating agent trims its journal behind the appliance's acks, so a replay from
+    // zeroes is not possible; the replica compared with the source above is the check.
+    agent.stop()?;
     appliance.stop()?;
     Ok(())
 }
@@ -614,7 +618,9 @@ fn agent_kill9_during_large_writes_leaves_replica_equal_to_source() -> Result<()
             )
         })?;
     }
-    agent.finish()?;
+    // A replicating agent trims its journal behind the appliance's acks, so a replay from
+    // zeroes is not possible; the replica compared with the source above is the check.
+    agent.stop()?;
     appliance.stop()?;
     Ok(())
 }
@@ -628,7 +634,7 @@ fn a_write_the_source_disk_refused_never_reaches_the_replica() -> Result<()> {
     let mut appliance = Appliance::start()?;
     let small = temp_dir("cdp-small-fs-")?;
     let mounted = Mounted::tmpfs(&small.path().join("fs"), MIB)?;
-    let agent = Agent::builder()
+    let mut agent = Agent::builder()
         .disk_at("d0", &mounted.dir().join("d0.img"), 8 * MIB)
         .replicate_to(&appliance)
         .start()?;
@@ -657,7 +663,9 @@ fn a_write_the_source_disk_refused_never_reaches_the_replica() -> Result<()> {
              kept the refused write"
         )
     })?;
-    agent.finish()?;
+    // A replicating agent trims its journal behind the appliance's acks, so a replay from
+    // zeroes is not possible; the replica compared with the source above is the check.
+    agent.stop()?;
     appliance.stop()?;
     drop(mounted);
     Ok(())
@@ -720,7 +728,7 @@ fn appliance_kill9_mid_stream_converges_without_gaps() -> Result<()> {
     let mut rng = Rng::for_test(test);
     const DISK_BYTES: u64 = 32 * MIB;
     let mut appliance = Appliance::start()?;
-    let agent = Agent::builder()
+    let mut agent = Agent::builder()
         .disk("d0", DISK_BYTES)
         .replicate_to(&appliance)
         .start()?;
@@ -797,7 +805,9 @@ fn appliance_kill9_mid_stream_converges_without_gaps() -> Result<()> {
         "the appliance counted {corrupt} corrupt records without any fault injected"
     );
 
-    agent.finish()?;
+    // A replicating agent trims its journal behind the appliance's acks, so a replay from
+    // zeroes is not possible; the replica compared with the source above is the check.
+    agent.stop()?;
     appliance.stop()?;
     let seqs = appliance.landing_seqs(&job)?;
     let first = *seqs.first().context("the landing journal is empty")?;
@@ -892,7 +902,7 @@ fn sync_mode_acknowledged_write_is_durable_at_appliance() -> Result<()> {
     let mut rng = Rng::for_test(test);
     const DISK_BYTES: u64 = 16 * MIB;
     let mut appliance = Appliance::start()?;
-    let agent = Agent::builder()
+    let mut agent = Agent::builder()
         .disk("d0", DISK_BYTES)
         .replicate_to(&appliance)
         .mode("sync")
@@ -983,7 +993,9 @@ fn sync_mode_acknowledged_write_is_durable_at_appliance() -> Result<()> {
     }
     wait_drained(&agent, &appliance, &job, DRAIN_TIMEOUT)?;
     assert_replicas_equal_sources(&agent, &appliance, &job)?;
-    agent.finish()?;
+    // A replicating agent trims its journal behind the appliance's acks, so a replay from
+    // zeroes is not possible; the replica compared with the source above is the check.
+    agent.stop()?;
     appliance.stop()?;
     Ok(())
 }
@@ -1121,7 +1133,7 @@ fn corrupted_batches_are_refused_and_refetched() -> Result<()> {
     let mut rng = Rng::for_test(test);
     const DISK_BYTES: u64 = 32 * MIB;
     let mut appliance = Appliance::start()?;
-    let agent = Agent::builder()
+    let mut agent = Agent::builder()
         .disk("d0", DISK_BYTES)
         .replicate_to(&appliance)
         .env("CDP_FAULT_CORRUPT_BATCHES", "3")
@@ -1173,7 +1185,9 @@ fn corrupted_batches_are_refused_and_refetched() -> Result<()> {
         appliance.diagnostics()
     );
     eprintln!("{test}: the appliance refused {corrupt} corrupt records");
-    agent.finish()?;
+    // A replicating agent trims its journal behind the appliance's acks, so a replay from
+    // zeroes is not possible; the replica compared with the source above is the check.
+    agent.stop()?;
     appliance.stop()?;
     Ok(())
 }

@@ -93,11 +93,15 @@ impl FrameSender {
         wire::encode(frame, &mut self.buf);
         if let (Frame::Batch(_), Some(Fault::CorruptBatches { every })) = (frame, self.fault) {
             self.batches += 1;
-            if self.batches % every == 0 && self.buf.len() > BATCH_RECORDS_AT {
+            if self.batches.is_multiple_of(every) && self.buf.len() > BATCH_RECORDS_AT {
                 let span = (self.buf.len() - BATCH_RECORDS_AT) as u64;
                 let at = BATCH_RECORDS_AT + (self.batches.wrapping_mul(7919) % span) as usize;
                 self.buf[at] ^= 1 << (self.batches % 8);
-                tracing::warn!(batch = self.batches, at, "fault injection: corrupted a batch in transit");
+                tracing::warn!(
+                    batch = self.batches,
+                    at,
+                    "fault injection: corrupted a batch in transit"
+                );
             }
         }
         self.send.write_all(&self.buf).await?;
@@ -179,7 +183,8 @@ impl FrameReceiver {
                 }
             }
             if self.buf.capacity() > 2 * (FRAME_PREFIX_BYTES + FRAME_BODY_BYTES_MAX) {
-                self.buf.shrink_to(FRAME_PREFIX_BYTES + FRAME_BODY_BYTES_MAX);
+                self.buf
+                    .shrink_to(FRAME_PREFIX_BYTES + FRAME_BODY_BYTES_MAX);
             }
         }
     }

@@ -297,6 +297,12 @@ impl Identity {
     }
 
     /// The certificate and key in the form rustls signs with.
+    /// 32 secret bytes derived from the private key for `context` (a blake3 key derivation):
+    /// stable across restarts of the same identity, useless without the key.
+    pub(crate) fn derive_secret(&self, context: &str) -> [u8; 32] {
+        blake3::derive_key(context, self.key_pem.as_bytes())
+    }
+
     pub(crate) fn certified_key(&self) -> Arc<CertifiedKey> {
         self.certified.clone()
     }

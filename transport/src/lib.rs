@@ -35,8 +35,8 @@ pub use bundle::{
 };
 pub use clock::{Clock, ManualClock, SystemClock, UnixTime};
 pub use data_dir::DataDir;
-pub use frames::{Fault, FrameError, FrameReceiver, FrameSender};
 pub use fingerprint::{Fingerprint, ParseFingerprintError, ParseHexError, FINGERPRINT_BYTES};
+pub use frames::{Fault, FrameError, FrameReceiver, FrameSender};
 pub use identity::{
     GenerateIdentityError, Identity, LoadIdentityError, LoadOrGenerateIdentityError,
     SaveIdentityError, CERTIFICATE_FILE, KEY_FILE,

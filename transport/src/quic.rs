@@ -461,7 +461,29 @@ impl Server {
         require_runtime()?;
         let verifier = PinnedClientVerifier::new(trust.clone(), pending.clone(), clock.clone());
         let config = server_config(identity, verifier)?;
-        let endpoint = quinn::Endpoint::server(config, listen).map_err(|source| BindError::Io {
+        // The stateless-reset key is derived from the appliance's identity, so it survives a
+        // restart: an agent whose connection the old process held learns at its first packet
+        // that the connection is gone (a stateless reset) and reconnects at once, instead of
+        // waiting out the idle timeout.
+        let reset_key = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &identity.derive_secret("cdp 2026 quic stateless reset key v1"),
+        );
+        let socket = std::net::UdpSocket::bind(listen).map_err(|source| BindError::Io {
+            addr: listen,
+            source,
+        })?;
+        let runtime = quinn::default_runtime().ok_or_else(|| BindError::Io {
+            addr: listen,
+            source: io::Error::other("no async runtime for QUIC"),
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::new(Arc::new(reset_key)),
+            Some(config),
+            socket,
+            runtime,
+        )
+        .map_err(|source| BindError::Io {
             addr: listen,
             source,
         })?;

@@ -54,7 +54,11 @@ impl Model {
     /// A record of `kind` whose payload (if any) has `len` bytes from `seed`.
     pub fn new(kind: RecordKind, len: usize, seed: u64, compressible: bool, fua: bool) -> Model {
         let (offset, length, payload) = match kind {
-            RecordKind::Write => (seed % 1000 * 4096, len as u32, payload(len, seed, compressible)),
+            RecordKind::Write => (
+                seed % 1000 * 4096,
+                len as u32,
+                payload(len, seed, compressible),
+            ),
             RecordKind::Checkpoint => {
                 let label = format!("checkpoint-{seed}").into_bytes();
                 (0, label.len() as u32, label)
@@ -118,7 +122,11 @@ pub fn payload(len: usize, seed: u64, compressible: bool) -> Vec<u8> {
 /// exactly the records from `from` to the journal's head, in order.
 pub fn check_reads(journal: &Journal, from: Seq, model: &[Model]) {
     let head = journal.head_seq();
-    assert!(head.0 as usize <= model.len(), "head {head} beyond model {}", model.len());
+    assert!(
+        head.0 as usize <= model.len(),
+        "head {head} beyond model {}",
+        model.len()
+    );
     let generation = journal.config().generation;
     let mut seq = from;
     for record in journal.reader(from).unwrap() {
@@ -137,7 +145,11 @@ pub enum Extent {
     /// Record `seq` at `start..end`.
     Record { seq: Seq, start: u64, end: u64 },
     /// Sync frame at `start..start+header`; the rest of it up to `end` is padding.
-    Sync { start: u64, header_end: u64, end: u64 },
+    Sync {
+        start: u64,
+        header_end: u64,
+        end: u64,
+    },
 }
 
 /// Walks the frames of a segment image the way the journal does (zero gaps up to a block
@@ -146,9 +158,12 @@ pub fn extents(image: &[u8]) -> Vec<Extent> {
     let mut out = Vec::new();
     let mut at = SEGMENT_DATA_OFFSET as usize;
     while at + 4 <= image.len() {
-        if at as u64 % SYNC_ALIGN_BYTES != 0 && image[at..at + 4] == [0; 4] {
+        if !(at as u64).is_multiple_of(SYNC_ALIGN_BYTES) && image[at..at + 4] == [0; 4] {
             let gap = (SYNC_ALIGN_BYTES - at as u64 % SYNC_ALIGN_BYTES) as usize;
-            if image[at..(at + gap).min(image.len())].iter().all(|&b| b == 0) {
+            if image[at..(at + gap).min(image.len())]
+                .iter()
+                .all(|&b| b == 0)
+            {
                 at += gap;
                 continue;
             }

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nbd::{
-    ChunkHeader, ClientFlags, ClientOption, Command, CommandFlags, ErrorCode, ExportQuery,
-    Handle, InfoReply, InfoType, OptionCode, OptionReply, ReplyType, Request, RequestHeader,
-    ServerGreeting, SimpleReplyHeader, StructuredChunk, ChunkBody, TransmissionFlags,
+    ChunkBody, ChunkHeader, ClientFlags, ClientOption, Command, CommandFlags, ErrorCode,
+    ExportQuery, Handle, InfoReply, InfoType, OptionCode, OptionReply, ReplyType, Request,
+    RequestHeader, ServerGreeting, SimpleReplyHeader, StructuredChunk, TransmissionFlags,
 };
 use source_agent::backing::BlockDevice;
 use source_agent::sink::{RecordSink, Seq};
@@ -133,13 +133,19 @@ impl Harness {
         let hashes = self
             .disks
             .iter()
-            .map(|(_, p)| blake3::hash(&std::fs::read(p).unwrap()).to_hex().to_string())
+            .map(|(_, p)| {
+                blake3::hash(&std::fs::read(p).unwrap())
+                    .to_hex()
+                    .to_string()
+            })
             .collect();
         (hashes, self.sink.head_seq())
     }
 
     pub async fn connect(&self) -> UnixStream {
-        bounded("connect", UnixStream::connect(&self.socket)).await.unwrap()
+        bounded("connect", UnixStream::connect(&self.socket))
+            .await
+            .unwrap()
     }
 
     /// A client in transmission on `export` (via GO, asking for block sizes).
@@ -169,7 +175,9 @@ impl Harness {
     /// is removed when the caller drops it.
     pub async fn stop(mut self) -> Result<tempfile::TempDir, source_agent::ServeError> {
         let _ = self.stop.take().unwrap().send(());
-        bounded("agent stop", self.task.take().unwrap()).await.unwrap()?;
+        bounded("agent stop", self.task.take().unwrap())
+            .await
+            .unwrap()?;
         Ok(self.dir)
     }
 }
@@ -198,7 +206,9 @@ impl Client {
     /// Reads the greeting and sends client flags (fixed newstyle, no zeroes).
     pub async fn greet(mut stream: UnixStream) -> Self {
         let mut greeting = [0u8; ServerGreeting::LEN];
-        bounded("greeting", stream.read_exact(&mut greeting)).await.unwrap();
+        bounded("greeting", stream.read_exact(&mut greeting))
+            .await
+            .unwrap();
         ServerGreeting::decode(&greeting).unwrap();
         let mut out = Vec::new();
         ClientFlags {
@@ -226,13 +236,19 @@ impl Client {
     /// Reads one option reply: (type, option, data).
     pub async fn option_reply(&mut self) -> (ReplyType, OptionCode, Vec<u8>) {
         let mut header = [0u8; OptionReply::HEADER_LEN];
-        bounded("option reply", self.stream.read_exact(&mut header)).await.unwrap();
+        bounded("option reply", self.stream.read_exact(&mut header))
+            .await
+            .unwrap();
         let len = u32::from_be_bytes(header[16..20].try_into().unwrap()) as usize;
         let mut frame = header.to_vec();
         frame.resize(OptionReply::HEADER_LEN + len, 0);
-        bounded("option reply data", self.stream.read_exact(&mut frame[OptionReply::HEADER_LEN..]))
-            .await
-            .unwrap();
+        bounded(
+            "option reply data",
+            self.stream
+                .read_exact(&mut frame[OptionReply::HEADER_LEN..]),
+        )
+        .await
+        .unwrap();
         let (reply, _) = OptionReply::decode(&frame, u32::MAX).unwrap();
         (reply.reply, reply.option, reply.data.to_vec())
     }
@@ -265,7 +281,11 @@ impl Client {
                 info_requests: vec![InfoType::BLOCK_SIZE, InfoType::NAME],
             }))
             .await;
-        assert_eq!(replies.last().unwrap().0, ReplyType::ACK, "GO {export}: {replies:?}");
+        assert_eq!(
+            replies.last().unwrap().0,
+            ReplyType::ACK,
+            "GO {export}: {replies:?}"
+        );
         for (kind, data) in &replies {
             if *kind != ReplyType::INFO {
                 continue;
@@ -282,7 +302,14 @@ impl Client {
     }
 
     /// Sends a request; returns its handle.
-    pub async fn send(&mut self, command: Command, flags: u16, offset: u64, length: u32, payload: &[u8]) -> Handle {
+    pub async fn send(
+        &mut self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Handle {
         let handle = Handle(self.next_handle);
         self.next_handle += 1;
         if command == Command::Read {
@@ -311,18 +338,30 @@ impl Client {
         let mut data = Vec::new();
         loop {
             let mut magic = [0u8; 4];
-            bounded("reply magic", self.stream.read_exact(&mut magic)).await.unwrap();
+            bounded("reply magic", self.stream.read_exact(&mut magic))
+                .await
+                .unwrap();
             if u32::from_be_bytes(magic) == nbd::transmission::SIMPLE_REPLY_MAGIC {
-                assert!(data.is_empty() && error == ErrorCode::OK, "simple reply inside a structured one");
+                assert!(
+                    data.is_empty() && error == ErrorCode::OK,
+                    "simple reply inside a structured one"
+                );
                 let mut header = [0u8; SimpleReplyHeader::LEN];
                 header[..4].copy_from_slice(&magic);
-                bounded("simple reply", self.stream.read_exact(&mut header[4..])).await.unwrap();
+                bounded("simple reply", self.stream.read_exact(&mut header[4..]))
+                    .await
+                    .unwrap();
                 let (reply, _) = SimpleReplyHeader::decode(&header).unwrap();
                 if let Some(len) = self.reads.remove(&reply.handle.0) {
-                    assert!(!self.structured, "simple reply to a read with structured replies");
+                    assert!(
+                        !self.structured,
+                        "simple reply to a read with structured replies"
+                    );
                     if reply.error == ErrorCode::OK {
                         data.resize(len as usize, 0);
-                        bounded("read data", self.stream.read_exact(&mut data)).await.unwrap();
+                        bounded("read data", self.stream.read_exact(&mut data))
+                            .await
+                            .unwrap();
                     }
                 }
                 return Reply {
@@ -334,13 +373,18 @@ impl Client {
             assert!(self.structured, "structured chunk without negotiation");
             let mut header = [0u8; ChunkHeader::LEN];
             header[..4].copy_from_slice(&magic);
-            bounded("chunk header", self.stream.read_exact(&mut header[4..])).await.unwrap();
+            bounded("chunk header", self.stream.read_exact(&mut header[4..]))
+                .await
+                .unwrap();
             let (chunk_header, _) = ChunkHeader::decode(&header).unwrap();
             let mut frame = header.to_vec();
             frame.resize(ChunkHeader::LEN + chunk_header.payload_bytes as usize, 0);
-            bounded("chunk payload", self.stream.read_exact(&mut frame[ChunkHeader::LEN..]))
-                .await
-                .unwrap();
+            bounded(
+                "chunk payload",
+                self.stream.read_exact(&mut frame[ChunkHeader::LEN..]),
+            )
+            .await
+            .unwrap();
             let (chunk, _) = StructuredChunk::decode(&frame, u32::MAX).unwrap();
             match chunk.body {
                 ChunkBody::OffsetData { data: d, .. } => data.extend_from_slice(d),
@@ -360,7 +404,14 @@ impl Client {
     }
 
     /// Sends one request and reads its reply.
-    pub async fn call(&mut self, command: Command, flags: u16, offset: u64, length: u32, payload: &[u8]) -> Reply {
+    pub async fn call(
+        &mut self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Reply {
         let handle = self.send(command, flags, offset, length, payload).await;
         let reply = self.reply().await;
         assert_eq!(reply.handle, handle);
@@ -370,7 +421,10 @@ impl Client {
     /// Whether the server closed the connection (EOF within the step bound).
     pub async fn closed(&mut self) -> bool {
         let mut buf = [0u8; 1];
-        matches!(bounded("eof", self.stream.read(&mut buf)).await, Ok(0) | Err(_))
+        matches!(
+            bounded("eof", self.stream.read(&mut buf)).await,
+            Ok(0) | Err(_)
+        )
     }
 }
 
