@@ -58,6 +58,8 @@ pub struct ApplianceConfig {
     pub retention: RetentionPolicy,
     /// Interval between automatic checkpoints.
     pub checkpoint_interval: Duration,
+    /// How often retention runs over every job.
+    pub retention_interval: Duration,
 }
 
 impl ApplianceConfig {
@@ -71,11 +73,12 @@ impl ApplianceConfig {
             view_listen: None,
             retention: RetentionPolicy::default(),
             checkpoint_interval: crate::jobs::CHECKPOINT_INTERVAL_DEFAULT,
+            retention_interval: RETENTION_INTERVAL,
         }
     }
 }
 
-/// How often retention runs over every job.
+/// How often retention runs over every job, by default.
 pub const RETENTION_INTERVAL: Duration = Duration::from_secs(10);
 /// Compaction to reclaim the space of dropped history runs at most this often per job.
 pub const COMPACTION_INTERVAL: Duration = Duration::from_secs(600);
@@ -196,6 +199,7 @@ pub struct Appliance {
     views: Arc<Views>,
     retention: RetentionPolicy,
     checkpoint_interval: Duration,
+    retention_interval: Duration,
     api: Option<(TcpListener, ApiToken)>,
     metrics_listener: Option<TcpListener>,
     view_listener: Option<(TcpListener, SocketAddr)>,
@@ -301,6 +305,7 @@ impl Appliance {
             views,
             retention: config.retention,
             checkpoint_interval: config.checkpoint_interval,
+            retention_interval: config.retention_interval,
             api,
             metrics_listener,
             view_listener,
@@ -345,9 +350,10 @@ impl Appliance {
                 Arc::clone(&self.views),
                 self.retention,
             );
+            let retention_interval = self.retention_interval.max(Duration::from_millis(100));
             let mut stop = stop_rx.clone();
             tasks.spawn(async move {
-                let mut tick = tokio::time::interval(RETENTION_INTERVAL);
+                let mut tick = tokio::time::interval(retention_interval);
                 let mut compacted: std::collections::HashMap<journal::JobId, Instant> =
                     std::collections::HashMap::new();
                 loop {

@@ -81,6 +81,9 @@ pub struct RunArgs {
     /// Interval between automatic checkpoints.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub checkpoint_interval: Duration,
+    /// How often retention runs over every job.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub retention_interval: Duration,
     /// Warn when a job's history grows beyond this many bytes (0: never).
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     pub history_bytes_max: u64,
@@ -96,6 +99,7 @@ impl RunArgs {
         config.retention.window = self.history_window;
         config.retention.history_bytes_max = self.history_bytes_max;
         config.checkpoint_interval = self.checkpoint_interval;
+        config.retention_interval = self.retention_interval;
         config
     }
 }

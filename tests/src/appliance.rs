@@ -43,6 +43,8 @@ pub struct ApplianceListeners {
     pub api: Option<SocketAddr>,
     /// `listening metrics ADDR`: `/metrics`.
     pub metrics: Option<SocketAddr>,
+    /// `listening nbd-views ADDR`: recovery views over NBD.
+    pub views: Option<SocketAddr>,
 }
 
 /// A running (or stopped) `cdp-receiver run` with its temporary data directory.
@@ -51,6 +53,8 @@ pub struct Appliance {
     /// Invariant: `Some` until the process has been reaped.
     child: Option<Child>,
     program: PathBuf,
+    /// Extra arguments of `cdp-receiver run`, the same for every (re)start.
+    extra_args: Vec<String>,
     /// How many times the process was spawned.
     starts: u32,
     data_dir: PathBuf,
@@ -69,6 +73,12 @@ impl Appliance {
     /// Initialises a data directory (`cdp-receiver init`) and starts the appliance with its
     /// QUIC, REST API and metrics listeners on loopback ports the kernel picks.
     pub fn start() -> Result<Appliance> {
+        Self::start_with(&[])
+    }
+
+    /// [`Appliance::start`] with extra arguments for `cdp-receiver run` (for example
+    /// `--history-window 30s`).
+    pub fn start_with(extra_args: &[&str]) -> Result<Appliance> {
         let program = binary("cdp-receiver")?;
         let dir = temp_dir("cdp-appliance-")?;
         let data_dir = dir.path().join("data");
@@ -81,6 +91,7 @@ impl Appliance {
         let mut appliance = Appliance {
             child: None,
             program,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             starts: 0,
             log: dir.path().join("appliance.log"),
             data_dir,
@@ -116,7 +127,9 @@ impl Appliance {
             .arg(&self.data_dir)
             .args(["--listen", &quic])
             .args(["--api-listen", "127.0.0.1:0"])
-            .args(["--metrics-listen", "127.0.0.1:0"]);
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .args(["--view-listen", "127.0.0.1:0"])
+            .args(&self.extra_args);
         let command_line = format!("{cmd:?}");
         // Appends, so the log of a run before a crash stays readable.
         let log_file = OpenOptions::new()
@@ -203,6 +216,7 @@ impl Appliance {
                             "quic" => &mut listeners.quic,
                             "api" => &mut listeners.api,
                             "metrics" => &mut listeners.metrics,
+                            "nbd-views" => &mut listeners.views,
                             _ => bail!("unknown listener kind in {line:?}"),
                         };
                         ensure!(slot.is_none(), "two {kind} listeners: {line:?}");
@@ -298,6 +312,25 @@ impl Appliance {
             .and_then(serde_json::Value::as_array)
             .with_context(|| format!("GET /api/v1/jobs: no `jobs` array in {value}"))?;
         Ok(jobs.clone())
+    }
+
+    /// `cdp --appliance-dir DIR ARGS...`, which must succeed.
+    pub fn cdp(&self, args: &[&str]) -> Result<crate::Output> {
+        Tool::new(binary("cdp")?)
+            .arg("--appliance-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .timeout(Duration::from_secs(90))
+            .run_ok()
+    }
+
+    /// `cdp --appliance-dir DIR ARGS... --json`, which must succeed, parsed.
+    pub fn cdp_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--json");
+        let out = self.cdp(&all)?;
+        serde_json::from_str(&out.stdout)
+            .with_context(|| format!("no JSON from cdp:\n{}", out.describe()))
     }
 
     /// `cdp --appliance-dir DIR status --json`, parsed: the `jobs` array.

@@ -620,6 +620,8 @@ async fn start_and_watch(
             "--api-listen",
             loopback_any,
             "--metrics-listen",
+            loopback_any,
+            "--view-listen",
             loopback_any
         ],
         &layout.appliance_log,
@@ -1203,6 +1205,21 @@ fn guide_text(facts: &GuideFacts) -> String {
         path(&layout.source_disk),
         path(&facts.replica)
     ));
+    line(String::new());
+    line("Go back in time: checkpoint, overwrite, then read the disk as it was:".to_owned());
+    let cdp = format!(
+        "{} --appliance-dir {}",
+        path(&layout.cdp),
+        path(&layout.appliance_dir)
+    );
+    line(format!("  {cdp} checkpoint {JOB_NAME} --tag before"));
+    line(format!(
+        "  qemu-io -f raw -c 'write -P 0xcd 0 1M' {}",
+        shell_quote(&nbd_url)
+    ));
+    line(format!("  {cdp} view create {JOB_NAME} --at tag:before"));
+    line("  qemu-io -f raw -r -c 'read -P 0xab 0 1M' NBD-URI-THE-VIEW-PRINTS".to_owned());
+    line(format!("  {cdp} checkpoints {JOB_NAME}    {cdp} view list"));
     line(String::new());
     line("Metrics:".to_owned());
     line(format!("  appliance  {}", metrics(&facts.receiver_metrics)));

@@ -133,6 +133,13 @@ Compare it with the source once applied seq has caught up:
   cmp /tmp/cdp-demo.Ab12/source/disk0.img /tmp/cdp-demo.Ab12/appliance/replica/demo/disk0.img
   qemu-img compare -f raw -F raw /tmp/cdp-demo.Ab12/source/disk0.img /tmp/cdp-demo.Ab12/appliance/replica/demo/disk0.img
 
+Go back in time: checkpoint, overwrite, then read the disk as it was:
+  /opt/cdp/bin/cdp --appliance-dir /tmp/cdp-demo.Ab12/appliance checkpoint demo --tag before
+  qemu-io -f raw -c 'write -P 0xcd 0 1M' 'nbd+unix:///disk0?socket=/tmp/cdp-demo.Ab12/nbd.sock'
+  /opt/cdp/bin/cdp --appliance-dir /tmp/cdp-demo.Ab12/appliance view create demo --at tag:before
+  qemu-io -f raw -r -c 'read -P 0xab 0 1M' NBD-URI-THE-VIEW-PRINTS
+  /opt/cdp/bin/cdp --appliance-dir /tmp/cdp-demo.Ab12/appliance checkpoints demo    /opt/cdp/bin/cdp --appliance-dir /tmp/cdp-demo.Ab12/appliance view list
+
 Metrics:
   appliance  http://127.0.0.1:9101/metrics
   agent      (not reported)
@@ -390,7 +397,7 @@ async fn the_demo_runs_both_children_in_order_and_stops_them_agent_first() {
         fakes.read("calls"),
         format!(
             "cdp-receiver init --data-dir {d}/appliance
-cdp-receiver run --data-dir {d}/appliance --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0
+cdp-receiver run --data-dir {d}/appliance --listen 127.0.0.1:0 --api-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --view-listen 127.0.0.1:0
 cdp-receiver pair --data-dir {d}/appliance
 cdp-agent pair --data-dir {d}/agent --bundle {d}/bundle --name demo-agent
 cdp-agent run --data-dir {d}/agent --nbd-socket {d}/nbd.sock --nbd-listen 127.0.0.1:0 --disk disk0={d}/source/disk0.img --metrics-listen 127.0.0.1:0 --target 127.0.0.1:7443 --job-name demo
