@@ -250,7 +250,9 @@ impl Agent {
             }
             watermark = Some(Arc::new(BackingWatermark::new(done.head)));
         }
-        let backing_sync = watermark.clone().map(|w| {
+        // Only a replicating agent trims its journal, so only it needs the backing disks'
+        // synced watermark (without trimming, the redo covers every record).
+        let backing_sync = watermark.clone().filter(|_| config.replication.is_some()).map(|w| {
             let devices = opened
                 .iter()
                 .map(|(disk, device, _)| (disk.name.clone(), Arc::clone(device)))
