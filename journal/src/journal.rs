@@ -181,7 +181,14 @@ struct Active {
     write_offset: u64,
     /// Allocated length of the file.
     capacity: u64,
+    /// Bytes before this offset have had their writeback started (see `WRITEBACK_BYTES`).
+    writeback_from: u64,
 }
+
+/// After this many bytes appended, the journal starts their writeback (without waiting), so
+/// the fdatasync of a sync or of a rollover finds little left to flush and does not stall
+/// appends behind it.
+pub const WRITEBACK_BYTES: u64 = 1 << 20;
 
 /// A sync to perform without the append lock.
 #[derive(Debug)]
@@ -484,6 +491,15 @@ impl Core {
             return Err(AppendError::Io { name, source: e });
         }
         self.active.write_offset += len;
+        if self.active.write_offset - self.active.writeback_from >= WRITEBACK_BYTES {
+            let (from, to) = (self.active.writeback_from, self.active.write_offset);
+            if let Err(e) = self.active.file.start_writeback(from, to - from) {
+                let name = self.active.name.clone();
+                self.poison(&name, &e);
+                return Err(AppendError::Io { name, source: e });
+            }
+            self.active.writeback_from = to;
+        }
         self.head = seq;
         self.stats.records += 1;
         self.stats.payload_bytes += payload_bytes;
@@ -689,6 +705,7 @@ fn create_segment(
         file,
         write_offset: SEGMENT_DATA_OFFSET,
         capacity,
+        writeback_from: SEGMENT_DATA_OFFSET,
     })
 }
 
@@ -783,6 +800,7 @@ fn recover_active(
         file,
         write_offset,
         capacity,
+        writeback_from: write_offset,
     };
     Ok((active, expected.prev()))
 }

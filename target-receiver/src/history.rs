@@ -278,6 +278,15 @@ fn read_u64(bytes: &[u8], what: &'static str) -> Result<u64, HistoryError> {
     Ok(u64::from_be_bytes(array))
 }
 
+/// Where before-images live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueStorage {
+    /// In RocksDB's blob files (the default).
+    BlobFiles,
+    /// Inline in the LSM tree's SST files.
+    Inline,
+}
+
 /// A job's history store.
 pub struct History {
     db: DB,
@@ -295,8 +304,14 @@ impl std::fmt::Debug for History {
 }
 
 impl History {
-    /// Opens (or creates) the history store in `dir`.
+    /// Opens (or creates) the history store in `dir`, before-images in blob files.
     pub fn open(dir: &Path) -> Result<History, HistoryError> {
+        Self::open_with(dir, ValueStorage::BlobFiles)
+    }
+
+    /// Opens (or creates) the history store in `dir`, keeping before-images as `storage`
+    /// says (the benchmark `benches/history_values.rs` compares the two).
+    pub fn open_with(dir: &Path, storage: ValueStorage) -> Result<History, HistoryError> {
         let floor = Arc::new(AtomicU64::new(0));
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
@@ -305,11 +320,14 @@ impl History {
         db_opts.set_max_background_jobs(2);
 
         let mut before = Options::default();
-        // Before-images go to blob files: the LSM tree holds only keys and small pointers,
-        // so compaction rewrites little (measured against values inline: docs/history.md).
-        before.set_enable_blob_files(true);
-        before.set_min_blob_size(64);
-        before.set_enable_blob_gc(true);
+        if storage == ValueStorage::BlobFiles {
+            // Before-images go to blob files: the LSM tree holds only keys and small
+            // pointers, so compaction rewrites little (measured against values inline:
+            // docs/BENCHMARKS.md, "History store").
+            before.set_enable_blob_files(true);
+            before.set_min_blob_size(64);
+            before.set_enable_blob_gc(true);
+        }
         before.set_prefix_extractor(SliceTransform::create_fixed_prefix(BLOCK_PREFIX_BYTES));
         before.set_memtable_prefix_bloom_ratio(0.1);
         let mut table = BlockBasedOptions::default();
