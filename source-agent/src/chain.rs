@@ -28,6 +28,40 @@ use crate::redo::BackingWatermark;
 use crate::replicate::Replication;
 use crate::sink::{DiskId, RecordKind, RecordSink, Seq, SinkEntry, SinkError, Timestamp};
 
+/// Carries out `op` on the backing disk (blocking): the data of a read, nothing otherwise;
+/// with FUA (and for a flush) the disk is synced before it returns.
+fn backing_op(device: &dyn BlockDevice, op: Operation, payload: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    let fua = match op {
+        Operation::Read { offset, length } => {
+            let mut buf = vec![0; length as usize];
+            device.read_at(&mut buf, offset)?;
+            return Ok(Some(buf));
+        }
+        Operation::Write { offset, fua, .. } => {
+            device.write_at(payload, offset)?;
+            fua
+        }
+        Operation::Trim { offset, length, fua } => {
+            device.zero_range(offset, u64::from(length), true)?;
+            fua
+        }
+        Operation::WriteZeroes {
+            offset,
+            length,
+            fua,
+            no_hole,
+        } => {
+            device.zero_range(offset, u64::from(length), !no_hole)?;
+            fua
+        }
+        Operation::Flush => true,
+    };
+    if fua {
+        device.sync_data()?;
+    }
+    Ok(None)
+}
+
 /// Largest extent one trim or write-zeroes record covers; larger requests are split.
 pub const ZEROING_RECORD_BYTES_MAX: u64 = 32 << 20;
 
@@ -251,8 +285,13 @@ impl DiskChain {
         };
         let end = offset.saturating_add(u64::from(length));
         let range = ranges.lock(offset, end).await;
-        let seqs: Vec<Seq> = {
+        // When the backing disk comes right after this filter, its write runs in the same
+        // blocking task as the append (one thread hand-off per write instead of two).
+        let direct = index + 1 == self.stages.len();
+        let (seqs, backing): (Vec<Seq>, Option<io::Result<Option<Vec<u8>>>>) = {
             let sink = Arc::clone(sink);
+            let device = Arc::clone(&self.device);
+            let op = request.op;
             let payload = Arc::clone(&request.payload);
             let (disk, timestamp) = (self.id, request.timestamp);
             let watermark = self.watermark.clone();
@@ -291,19 +330,29 @@ impl DiskChain {
                     }
                     Ok(seqs)
                 };
-                match &watermark {
+                let seqs = match &watermark {
                     Some(w) => w.append(append),
                     None => append(),
-                }
+                };
+                // Never write the backing disk for a request whose append failed.
+                let backing = match (&seqs, direct) {
+                    (Ok(_), true) => Some(backing_op(&*device, op, &payload)),
+                    _ => None,
+                };
+                (seqs, backing)
             })
-            .await?
+            .await
+            .map(|(seqs, backing)| seqs.map(|s| (s, backing)))?
             .map_err(|source| self.journal_error(source))?
         };
         let seq = seqs.last().copied().unwrap_or(Seq::NONE);
         if let Some(replication) = &self.replication {
             replication.notify_appended();
         }
-        let result = self.run(index + 1, request).await;
+        let result = match backing {
+            Some(done) => done.map_err(|source| self.device_error(source)),
+            None => self.run(index + 1, request).await,
+        };
         if let Err(e) = &result {
             tracing::error!(disk = %self.name, %seq, error = %e, "journaled write failed on the backing disk; journaling what the disk holds now");
             self.reconcile(sink, offset, length, request.timestamp)
@@ -397,41 +446,7 @@ impl DiskChain {
         let payload = Arc::clone(&request.payload);
         let op = request.op;
         let result = self
-            .blocking(move || -> io::Result<Option<Vec<u8>>> {
-                let fua = match op {
-                    Operation::Read { offset, length } => {
-                        let mut buf = vec![0; length as usize];
-                        device.read_at(&mut buf, offset)?;
-                        return Ok(Some(buf));
-                    }
-                    Operation::Write { offset, fua, .. } => {
-                        device.write_at(&payload, offset)?;
-                        fua
-                    }
-                    Operation::Trim {
-                        offset,
-                        length,
-                        fua,
-                    } => {
-                        device.zero_range(offset, u64::from(length), true)?;
-                        fua
-                    }
-                    Operation::WriteZeroes {
-                        offset,
-                        length,
-                        fua,
-                        no_hole,
-                    } => {
-                        device.zero_range(offset, u64::from(length), !no_hole)?;
-                        fua
-                    }
-                    Operation::Flush => true,
-                };
-                if fua {
-                    device.sync_data()?;
-                }
-                Ok(None)
-            })
+            .blocking(move || backing_op(&*device, op, &payload))
             .await?;
         result.map_err(|source| self.device_error(source))
     }
