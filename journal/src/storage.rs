@@ -181,13 +181,23 @@ impl StorageFile for DirFile {
     #[cfg(target_os = "linux")]
     fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
         use std::os::fd::AsRawFd;
-        let (Ok(offset), Ok(len)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len)) else {
+        let (Ok(offset), Ok(len)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(len),
+        ) else {
             return Ok(());
         };
         // SAFETY: sync_file_range(2) reads only its integer arguments; the descriptor is owned
         // by `self.file` and open for the call. SYNC_FILE_RANGE_WRITE starts writeback and
         // does not wait for it, nor consume a writeback error a later fdatasync must report.
-        let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
+        let rc = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset,
+                len,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
         if rc == 0 {
             Ok(())
         } else {

@@ -252,13 +252,16 @@ impl Agent {
         }
         // Only a replicating agent trims its journal, so only it needs the backing disks'
         // synced watermark (without trimming, the redo covers every record).
-        let backing_sync = watermark.clone().filter(|_| config.replication.is_some()).map(|w| {
-            let devices = opened
-                .iter()
-                .map(|(disk, device, _)| (disk.name.clone(), Arc::clone(device)))
-                .collect();
-            (w, devices)
-        });
+        let backing_sync = watermark
+            .clone()
+            .filter(|_| config.replication.is_some())
+            .map(|w| {
+                let devices = opened
+                    .iter()
+                    .map(|(disk, device, _)| (disk.name.clone(), Arc::clone(device)))
+                    .collect();
+                (w, devices)
+            });
         let mut shipping = None;
         let mut replication = None;
         if let Some(settings) = &config.replication {

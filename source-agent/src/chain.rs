@@ -28,9 +28,12 @@ use crate::redo::BackingWatermark;
 use crate::replicate::Replication;
 use crate::sink::{DiskId, RecordKind, RecordSink, Seq, SinkEntry, SinkError, Timestamp};
 
+/// What an operation on the backing disk gives back: the data of a read, nothing otherwise.
+type BackingResult = io::Result<Option<Vec<u8>>>;
+
 /// Carries out `op` on the backing disk (blocking): the data of a read, nothing otherwise;
 /// with FUA (and for a flush) the disk is synced before it returns.
-fn backing_op(device: &dyn BlockDevice, op: Operation, payload: &[u8]) -> io::Result<Option<Vec<u8>>> {
+fn backing_op(device: &dyn BlockDevice, op: Operation, payload: &[u8]) -> BackingResult {
     let fua = match op {
         Operation::Read { offset, length } => {
             let mut buf = vec![0; length as usize];
@@ -41,7 +44,11 @@ fn backing_op(device: &dyn BlockDevice, op: Operation, payload: &[u8]) -> io::Re
             device.write_at(payload, offset)?;
             fua
         }
-        Operation::Trim { offset, length, fua } => {
+        Operation::Trim {
+            offset,
+            length,
+            fua,
+        } => {
             device.zero_range(offset, u64::from(length), true)?;
             fua
         }
@@ -288,7 +295,7 @@ impl DiskChain {
         // When the backing disk comes right after this filter, its write runs in the same
         // blocking task as the append (one thread hand-off per write instead of two).
         let direct = index + 1 == self.stages.len();
-        let (seqs, backing): (Vec<Seq>, Option<io::Result<Option<Vec<u8>>>>) = {
+        let (seqs, backing): (Vec<Seq>, Option<BackingResult>) = {
             let sink = Arc::clone(sink);
             let device = Arc::clone(&self.device);
             let op = request.op;

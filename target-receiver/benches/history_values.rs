@@ -21,7 +21,10 @@ const DISK_BLOCKS: u64 = (4u64 << 30) / BLOCK_BYTES as u64;
 const BATCH: usize = 1024;
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn process_write_bytes() -> u64 {
@@ -46,7 +49,10 @@ impl Rng {
 }
 
 fn dir_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
 }
 
 fn run(mode: ValueStorage, root: &std::path::Path, entries: u64, lookups: u64) {
@@ -121,9 +127,17 @@ fn main() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir());
     std::fs::create_dir_all(&root).unwrap();
-    let fs = std::process::Command::new("stat").args(["-f", "-c", "%T"]).arg(&root).output().unwrap();
+    let fs = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(&root)
+        .output()
+        .unwrap();
     let fs = String::from_utf8_lossy(&fs.stdout).trim().to_owned();
-    assert!(fs != "tmpfs" && fs != "ramfs", "CDP_BENCH_DIR {} is on {fs}: use a real disk", root.display());
+    assert!(
+        fs != "tmpfs" && fs != "ramfs",
+        "CDP_BENCH_DIR {} is on {fs}: use a real disk",
+        root.display()
+    );
     let entries = env_u64("CDP_BENCH_ENTRIES", 262_144);
     let lookups = env_u64("CDP_BENCH_LOOKUPS", 100_000);
     println!(

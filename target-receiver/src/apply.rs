@@ -35,6 +35,10 @@ use crate::jobs::Job;
 
 /// Records applied per pass, at most.
 pub const APPLY_PASS_RECORDS_MAX: usize = 4096;
+/// After a pass smaller than a quarter of [`APPLY_PASS_RECORDS_MAX`], the applier waits this
+/// long for more records before the next one (the replicas lag the landing journal by about
+/// this much; the RPO is measured at the landing journal and is not affected).
+pub const APPLY_GATHER: Duration = Duration::from_millis(200);
 /// Before-image bytes (of blocks that are not all zero) gathered per pass, at most; one
 /// record always goes whole.
 pub const APPLY_PASS_IMAGE_BYTES_MAX: usize = 32 << 20;
@@ -408,12 +412,21 @@ pub async fn run_applier(job: std::sync::Arc<Job>, mut stop: tokio::sync::watch:
             })
             .await;
             match result {
-                Ok(Ok(_)) => {
+                Ok(Ok(pass)) => {
                     if job.apply_error().is_some() {
                         tracing::info!(job = %job.id(), "applier recovered");
                         job.set_apply_error(None);
                     }
                     backoff = Duration::from_millis(100);
+                    // A small pass still costs two synced history writes and the replicas'
+                    // fdatasyncs, which compete with the landing journal's syncs (the RPO)
+                    // for the disk: while records trickle in, gather them for a while.
+                    if (pass.records as usize) < APPLY_PASS_RECORDS_MAX / 4 {
+                        tokio::select! {
+                            _ = tokio::time::sleep(APPLY_GATHER) => {}
+                            _ = stop.changed() => {}
+                        }
+                    }
                     continue;
                 }
                 Ok(Err(e)) => {
