@@ -60,7 +60,7 @@ pub fn apply_record(
     let seq = header.seq;
     let io = |source| ApplyError::Io { seq, source };
     match header.kind {
-        RecordKind::Flush | RecordKind::Checkpoint => return Ok(0),
+        RecordKind::Flush | RecordKind::Checkpoint | RecordKind::Resync => return Ok(0),
         _ if !in_range => {
             return Err(ApplyError::OutOfRange {
                 seq,

@@ -29,6 +29,7 @@ pub mod mark;
 pub mod mem;
 mod reader;
 pub mod record;
+pub mod resync;
 pub mod segment;
 mod shared;
 pub mod ship;

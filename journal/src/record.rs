@@ -167,7 +167,7 @@ impl RecordHeader {
         }
         let extent_ok = match self.kind {
             RecordKind::Flush => self.offset == 0 && self.length == 0,
-            RecordKind::Checkpoint => self.offset == 0,
+            RecordKind::Checkpoint | RecordKind::Resync => self.offset == 0,
             RecordKind::Write | RecordKind::Trim | RecordKind::WriteZeroes => true,
         };
         if !extent_ok {

@@ -17,13 +17,17 @@ use std::collections::VecDeque;
 use crate::record::{RecordDecoder, RecordHeader};
 use crate::types::{Generation, JobId, Seq, Timestamp};
 use crate::wire::{
-    Batch, CheckpointRequest, DiskInfo, Frame, Heartbeat, Hello, Mode, Refuse, RefuseCode, Resend,
+    AgentStatus, Batch, CheckpointRequest, Control, DiskInfo, Frame, Heartbeat, Hello, Mode,
+    Refuse, RefuseCode, Resend, ResyncNeed,
     ResendReason, Welcome, WIRE_VERSION,
 };
 
 /// Checkpoint requests the shipper holds for its driver, at most; more are dropped (the
 /// operator's call times out and says so).
 pub const CHECKPOINT_REQUESTS_MAX: usize = 64;
+/// Most resync answers the shipper holds for its driver (the driver keeps fewer hashes
+/// records than this unanswered).
+pub const RESYNC_NEEDS_MAX: usize = 256;
 
 /// Bounds and periods of a shipper.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +190,10 @@ pub struct Shipper {
     shipped_bytes_total: u64,
     /// Checkpoints the appliance asked for, in order, for the driver to append.
     checkpoint_requests: VecDeque<CheckpointRequest>,
+    /// The appliance's answers to resync hashes records, in order, for the driver.
+    resync_needs: VecDeque<ResyncNeed>,
+    /// The appliance's latest control settings, until the driver takes them.
+    control: Option<Control>,
 }
 
 impl Shipper {
@@ -209,6 +217,8 @@ impl Shipper {
             last_heartbeat_micros: None,
             shipped_bytes_total: 0,
             checkpoint_requests: VecDeque::new(),
+            resync_needs: VecDeque::new(),
+            control: None,
         }
     }
 
@@ -252,6 +262,8 @@ impl Shipper {
         self.read_pending = false;
         self.next_read = self.acked.next();
         self.last_heartbeat_micros = None;
+        // Answers to hashes records sent on a lost connection are asked for again.
+        self.resync_needs.clear();
     }
 
     /// A frame from the appliance.
@@ -272,6 +284,22 @@ impl Shipper {
                 if self.checkpoint_requests.len() < CHECKPOINT_REQUESTS_MAX {
                     self.checkpoint_requests.push_back(c);
                 }
+                Ok(())
+            }
+            (ShipperState::Streaming, Frame::ResyncNeed(n)) => {
+                // The driver keeps at most a bounded number of hashes records unanswered,
+                // so this queue is bounded by it; an extra answer is a protocol error.
+                if self.resync_needs.len() >= RESYNC_NEEDS_MAX {
+                    return Err(ShipError::Unexpected {
+                        state: self.state_name(),
+                        frame: "resync need beyond the outstanding bound",
+                    });
+                }
+                self.resync_needs.push_back(n);
+                Ok(())
+            }
+            (ShipperState::Streaming, Frame::Control(c)) => {
+                self.control = Some(c);
                 Ok(())
             }
             (_, frame) => Err(ShipError::Unexpected {
@@ -441,6 +469,23 @@ impl Shipper {
         self.checkpoint_requests.pop_front()
     }
 
+    /// The appliance's answer to a resync hashes record, in the order they came.
+    pub fn poll_resync_need(&mut self) -> Option<ResyncNeed> {
+        self.resync_needs.pop_front()
+    }
+
+    /// The appliance's control settings, when they came since the last call.
+    pub fn poll_control(&mut self) -> Option<Control> {
+        self.control.take()
+    }
+
+    /// Queues the agent's job status for the appliance (only while streaming).
+    pub fn send_status(&mut self, status: AgentStatus) {
+        if self.state == ShipperState::Streaming {
+            self.outbox.push_back(Frame::AgentStatus(status));
+        }
+    }
+
     /// A seq below which the agent's journal may be trimmed, once per advance of the ack.
     pub fn poll_trim(&mut self) -> Option<Seq> {
         if self.acked > self.trimmed {
@@ -518,6 +563,9 @@ fn frame_name(frame: &Frame) -> &'static str {
         Frame::Heartbeat(_) => "heartbeat",
         Frame::Resend(_) => "resend",
         Frame::CheckpointRequest(_) => "checkpoint request",
+        Frame::ResyncNeed(_) => "resync need",
+        Frame::Control(_) => "control",
+        Frame::AgentStatus(_) => "agent status",
     }
 }
 
@@ -573,6 +621,7 @@ pub struct Lander {
     decoder: RecordDecoder,
     outbox: VecDeque<Frame>,
     last_heartbeat: Option<Heartbeat>,
+    last_status: Option<AgentStatus>,
     corrupt_records_total: u64,
 }
 
@@ -589,6 +638,7 @@ impl Lander {
             decoder: RecordDecoder::new(),
             outbox: VecDeque::new(),
             last_heartbeat: None,
+            last_status: None,
             corrupt_records_total: 0,
         }
     }
@@ -734,7 +784,9 @@ impl Lander {
         // the job's disks.
         let disk_known = matches!(
             header.kind,
-            crate::types::RecordKind::Checkpoint | crate::types::RecordKind::Flush
+            crate::types::RecordKind::Checkpoint
+                | crate::types::RecordKind::Flush
+                | crate::types::RecordKind::Resync
         ) || self
             .state
             .job
@@ -772,6 +824,10 @@ impl Lander {
                 self.last_heartbeat = Some(h);
                 Ok(())
             }
+            Frame::AgentStatus(a) if self.welcomed => {
+                self.last_status = Some(a);
+                Ok(())
+            }
             other => Err(LandError::Unexpected {
                 frame: frame_name(&other),
             }),
@@ -785,9 +841,28 @@ impl Lander {
         }
     }
 
+    /// The answer to a resync hashes record goes to the agent.
+    pub fn send_resync_need(&mut self, need: ResyncNeed) {
+        if self.welcomed {
+            self.outbox.push_back(Frame::ResyncNeed(need));
+        }
+    }
+
+    /// The job's control settings go to the agent.
+    pub fn send_control(&mut self, control: Control) {
+        if self.welcomed {
+            self.outbox.push_back(Frame::Control(control));
+        }
+    }
+
     /// The next frame to send.
     pub fn poll_transmit(&mut self) -> Option<Frame> {
         self.outbox.pop_front()
+    }
+
+    /// The agent's last status, if it sent one on this connection.
+    pub fn last_status(&self) -> Option<&AgentStatus> {
+        self.last_status.as_ref()
     }
 
     /// The agent's last heartbeat (its RPO and lag, on its own clock).

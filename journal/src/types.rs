@@ -116,16 +116,20 @@ pub enum RecordKind {
     /// A named point in time; the payload is the caller's label (for example the checkpoint
     /// name), `length` is its length, offset zero.
     Checkpoint,
+    /// A step of a resync (begin, block hashes of one region, end); the payload is a
+    /// [`crate::resync::ResyncMark`], `length` is its length, offset zero.
+    Resync,
 }
 
 impl RecordKind {
     /// Every kind, in format order (for tests and generators).
-    pub const ALL: [RecordKind; 5] = [
+    pub const ALL: [RecordKind; 6] = [
         RecordKind::Write,
         RecordKind::Trim,
         RecordKind::WriteZeroes,
         RecordKind::Flush,
         RecordKind::Checkpoint,
+        RecordKind::Resync,
     ];
 
     /// The byte stored in the record header.
@@ -136,6 +140,7 @@ impl RecordKind {
             RecordKind::WriteZeroes => 3,
             RecordKind::Flush => 4,
             RecordKind::Checkpoint => 5,
+            RecordKind::Resync => 6,
         }
     }
 
@@ -147,13 +152,17 @@ impl RecordKind {
             3 => Some(RecordKind::WriteZeroes),
             4 => Some(RecordKind::Flush),
             5 => Some(RecordKind::Checkpoint),
+            6 => Some(RecordKind::Resync),
             _ => None,
         }
     }
 
     /// Whether records of this kind carry a payload (`length` is then the payload length).
     pub const fn has_payload(self) -> bool {
-        matches!(self, RecordKind::Write | RecordKind::Checkpoint)
+        matches!(
+            self,
+            RecordKind::Write | RecordKind::Checkpoint | RecordKind::Resync
+        )
     }
 }
 
@@ -257,7 +266,7 @@ mod tests {
             assert_eq!(Codec::from_byte(codec.to_byte()), Some(codec));
         }
         assert_eq!(RecordKind::from_byte(0), None);
-        assert_eq!(RecordKind::from_byte(6), None);
+        assert_eq!(RecordKind::from_byte(7), None);
         assert_eq!(Codec::from_byte(2), None);
     }
 

@@ -33,6 +33,11 @@ const TYPE_ACK: u8 = 5;
 const TYPE_HEARTBEAT: u8 = 6;
 const TYPE_RESEND: u8 = 7;
 const TYPE_CHECKPOINT_REQUEST: u8 = 8;
+const TYPE_RESYNC_NEED: u8 = 9;
+const TYPE_CONTROL: u8 = 10;
+const TYPE_AGENT_STATUS: u8 = 11;
+/// Longest status reason, in bytes of UTF-8.
+pub const REASON_BYTES_MAX: usize = 512;
 
 /// How the agent acknowledges its client's writes (the job's replication mode).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,6 +188,113 @@ pub struct CheckpointRequest {
     pub tags: Vec<String>,
 }
 
+/// Appliance → agent: the answer to a `Resync` hashes record (`crate::resync::ResyncMark`):
+/// which of its blocks the replica, at exactly that record's seq, holds differently.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResyncNeed {
+    /// Seq of the hashes record answered.
+    pub hashes_seq: Seq,
+    /// Blocks the record described.
+    pub count: u32,
+    /// Bit `i` (byte `i / 8`, bit `i % 8`) set: block `i` differs and must be sent.
+    /// Exactly `count.div_ceil(8)` bytes; bits past `count` are zero.
+    pub differing: Vec<u8>,
+}
+
+impl ResyncNeed {
+    /// Whether block `i` differs.
+    pub fn differs(&self, i: u32) -> bool {
+        i < self.count
+            && self
+                .differing
+                .get((i / 8) as usize)
+                .is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
+}
+
+/// Appliance → agent, after the welcome and whenever an operator changes them: how the job
+/// may use the link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Control {
+    /// Replication is paused: ship nothing until resumed (the agent journals, and past its
+    /// backlog bound tracks dirty regions, as during an outage).
+    pub paused: bool,
+    /// Stored record bytes per second the job may ship; 0 = no limit.
+    pub throttle_bytes_per_second: u64,
+}
+
+/// A job's replication state as the agent sees it; the byte values are part of the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JobState {
+    /// A new job copies its disks (only differing blocks).
+    Syncing,
+    /// Every write is journalled and shipped.
+    Replicating,
+    /// Past the backlog bound or during a long outage: writes are not journalled, only their
+    /// regions are marked dirty (crash-safely), to be resynced.
+    Ahead,
+    /// Dirty regions are being compared and their differing blocks sent.
+    Resyncing,
+    /// An operator paused the job.
+    Paused,
+    /// Replication cannot go on until an operator acts; the reason says why.
+    Error,
+}
+
+impl JobState {
+    /// Every state, for metrics.
+    pub const ALL: [JobState; 6] = [
+        JobState::Syncing,
+        JobState::Replicating,
+        JobState::Ahead,
+        JobState::Resyncing,
+        JobState::Paused,
+        JobState::Error,
+    ];
+
+    /// The state's name in metrics, logs and the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Syncing => "syncing",
+            JobState::Replicating => "replicating",
+            JobState::Ahead => "ahead",
+            JobState::Resyncing => "resyncing",
+            JobState::Paused => "paused",
+            JobState::Error => "error",
+        }
+    }
+
+    fn to_byte(self) -> u8 {
+        match self {
+            JobState::Syncing => 1,
+            JobState::Replicating => 2,
+            JobState::Ahead => 3,
+            JobState::Resyncing => 4,
+            JobState::Paused => 5,
+            JobState::Error => 6,
+        }
+    }
+
+    fn from_byte(byte: u8) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|s| s.to_byte() == byte)
+    }
+}
+
+/// Agent → appliance, on every change and with every heartbeat: the job's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// The state.
+    pub state: JobState,
+    /// Bytes of dirty regions compared so far in the current (re)sync.
+    pub resync_done_bytes: u64,
+    /// Bytes of dirty regions the current (re)sync compares.
+    pub resync_total_bytes: u64,
+    /// Bytes of regions marked dirty now.
+    pub dirty_bytes: u64,
+    /// Why the job is in this state (empty when there is nothing to say).
+    pub reason: String,
+}
+
 /// Every frame of the protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -202,6 +314,12 @@ pub enum Frame {
     Resend(Resend),
     /// See [`CheckpointRequest`].
     CheckpointRequest(CheckpointRequest),
+    /// See [`ResyncNeed`].
+    ResyncNeed(ResyncNeed),
+    /// See [`Control`].
+    Control(Control),
+    /// See [`AgentStatus`].
+    AgentStatus(AgentStatus),
 }
 
 /// Why bytes could not be decoded into a frame.
@@ -288,6 +406,33 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             for tag in tags {
                 put_str(out, tag, crate::mark::CHECKPOINT_TAG_BYTES_MAX);
             }
+        }
+        Frame::ResyncNeed(n) => {
+            out.push(TYPE_RESYNC_NEED);
+            out.extend_from_slice(&n.hashes_seq.0.to_le_bytes());
+            out.extend_from_slice(&n.count.to_le_bytes());
+            let len = (n.count as usize).div_ceil(8);
+            let mut bits = n.differing.clone();
+            bits.resize(len, 0);
+            if n.count % 8 != 0 {
+                if let Some(last) = bits.last_mut() {
+                    *last &= (1u8 << (n.count % 8)) - 1;
+                }
+            }
+            out.extend_from_slice(&bits);
+        }
+        Frame::Control(c) => {
+            out.push(TYPE_CONTROL);
+            out.push(u8::from(c.paused));
+            out.extend_from_slice(&c.throttle_bytes_per_second.to_le_bytes());
+        }
+        Frame::AgentStatus(a) => {
+            out.push(TYPE_AGENT_STATUS);
+            out.push(a.state.to_byte());
+            for v in [a.resync_done_bytes, a.resync_total_bytes, a.dirty_bytes] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            put_str(out, &a.reason, REASON_BYTES_MAX);
         }
         Frame::Resend(r) => {
             out.push(TYPE_RESEND);
@@ -443,6 +588,48 @@ pub fn decode(bytes: &[u8]) -> Result<(Frame, usize), DecodeError> {
                 request_id,
                 app_consistent,
                 tags,
+            })
+        }
+        TYPE_RESYNC_NEED => {
+            let hashes_seq = Seq(r.u64()?);
+            let count = r.u32()?;
+            if count == 0 || count > crate::resync::RESYNC_HASHES_MAX {
+                return Err(DecodeError::Invalid("resync need block count out of range"));
+            }
+            let differing = r.take((count as usize).div_ceil(8))?.to_vec();
+            if count % 8 != 0 && differing.last().is_some_and(|b| b >> (count % 8) != 0) {
+                return Err(DecodeError::Invalid("resync need sets bits past its count"));
+            }
+            Frame::ResyncNeed(ResyncNeed {
+                hashes_seq,
+                count,
+                differing,
+            })
+        }
+        TYPE_CONTROL => {
+            let paused = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(DecodeError::Invalid("unknown pause flag")),
+            };
+            Frame::Control(Control {
+                paused,
+                throttle_bytes_per_second: r.u64()?,
+            })
+        }
+        TYPE_AGENT_STATUS => {
+            let state =
+                JobState::from_byte(r.u8()?).ok_or(DecodeError::Invalid("unknown job state"))?;
+            let resync_done_bytes = r.u64()?;
+            let resync_total_bytes = r.u64()?;
+            let dirty_bytes = r.u64()?;
+            let reason = r.str(REASON_BYTES_MAX)?;
+            Frame::AgentStatus(AgentStatus {
+                state,
+                resync_done_bytes,
+                resync_total_bytes,
+                dirty_bytes,
+                reason,
             })
         }
         _ => return Err(DecodeError::Invalid("unknown frame type")),
@@ -601,7 +788,42 @@ mod tests {
                 app_consistent: true,
                 tags: vec!["before-upgrade".into(), "ü".into()],
             }),
+            Frame::ResyncNeed(ResyncNeed {
+                hashes_seq: Seq(44),
+                count: 11,
+                differing: vec![0b1000_0001, 0b0000_0100],
+            }),
+            Frame::Control(Control {
+                paused: true,
+                throttle_bytes_per_second: 10 << 20,
+            }),
+            Frame::AgentStatus(AgentStatus {
+                state: JobState::Resyncing,
+                resync_done_bytes: 1 << 20,
+                resync_total_bytes: 4 << 20,
+                dirty_bytes: 3 << 20,
+                reason: "after tracking".into(),
+            }),
         ]
+    }
+
+    #[test]
+    fn resync_need_names_exactly_its_bits() {
+        let need = ResyncNeed {
+            hashes_seq: Seq(1),
+            count: 11,
+            differing: vec![0b1000_0001, 0b0000_0100],
+        };
+        let differing: Vec<u32> = (0..16).filter(|&i| need.differs(i)).collect();
+        assert_eq!(differing, vec![0, 7, 10]);
+        // A bit past the count is refused.
+        let mut bytes = Vec::new();
+        encode(&Frame::ResyncNeed(need), &mut bytes);
+        *bytes.last_mut().unwrap() |= 0b1000_0000;
+        assert_eq!(
+            decode(&bytes),
+            Err(DecodeError::Invalid("resync need sets bits past its count"))
+        );
     }
 
     /// Decoding `bytes` gives `expected`: a frame and its length, or an error.

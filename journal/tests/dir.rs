@@ -29,7 +29,7 @@ fn reopen_reads_everything_back() {
         let mut journal = Journal::open(dir.path(), config(16 << 10)).unwrap();
         for i in 0..40u64 {
             let record = Model::new(
-                RecordKind::ALL[(i % 5) as usize],
+                RecordKind::ALL[(i % RecordKind::ALL.len() as u64) as usize],
                 (i as usize * 997) % 20_000,
                 i,
                 i % 2 == 0,
@@ -228,7 +228,7 @@ fn append_stored_keeps_records_as_shipped() {
     let mut model = Vec::new();
     for i in 0..30u64 {
         let record = Model::new(
-            RecordKind::ALL[(i % 5) as usize],
+            RecordKind::ALL[(i % RecordKind::ALL.len() as u64) as usize],
             (i as usize * 1231) % 9000,
             i,
             i % 2 == 0,

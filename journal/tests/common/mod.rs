@@ -59,8 +59,8 @@ impl Model {
                 len as u32,
                 payload(len, seed, compressible),
             ),
-            RecordKind::Checkpoint => {
-                let label = format!("checkpoint-{seed}").into_bytes();
+            RecordKind::Checkpoint | RecordKind::Resync => {
+                let label = format!("mark-{seed}").into_bytes();
                 (0, label.len() as u32, label)
             }
             RecordKind::Trim | RecordKind::WriteZeroes => (seed % 77 * 512, len as u32, vec![]),
