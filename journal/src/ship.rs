@@ -18,8 +18,7 @@ use crate::record::{RecordDecoder, RecordHeader};
 use crate::types::{Generation, JobId, Seq, Timestamp};
 use crate::wire::{
     AgentStatus, Batch, CheckpointRequest, Control, DiskInfo, Frame, Heartbeat, Hello, Mode,
-    Refuse, RefuseCode, Resend, ResyncNeed,
-    ResendReason, Welcome, WIRE_VERSION,
+    Refuse, RefuseCode, Resend, ResendReason, ResyncNeed, Welcome, WIRE_VERSION,
 };
 
 /// Checkpoint requests the shipper holds for its driver, at most; more are dropped (the

@@ -29,9 +29,11 @@ use journal::{DiskId, ReadError, RecordHeader, RecordKind, Seq, Timestamp};
 use thiserror::Error;
 
 use crate::history::{
-    Block, Checkpoint, CheckpointKind, Entry, HistoryError, Pending, BLOCK_BYTES,
+    Block, Checkpoint, CheckpointKind, Entry, HistoryError, Pending, ResyncInterval, BLOCK_BYTES,
 };
 use crate::jobs::Job;
+use journal::resync::{block_hash, ResyncMark, BLOCK_HASH_BYTES};
+use journal::wire::ResyncNeed;
 
 /// Records applied per pass, at most.
 pub const APPLY_PASS_RECORDS_MAX: usize = 4096;
@@ -149,6 +151,65 @@ fn after(before: &Block, header: &RecordHeader, payload: &[u8], block: u64) -> B
     Block::from_bytes(&bytes)
 }
 
+/// Which blocks of a resync hashes record differ from the replica as it is at that record:
+/// the replica's bytes, with the blocks earlier records of the same pass changed taken from
+/// `overlay`. A bit per block, as `ResyncNeed::differing` carries them. Blocks past the end
+/// of the disk are never named (the agent hashes only what the disk holds).
+fn compare_hashes(
+    job: &Job,
+    overlay: &HashMap<(DiskId, u64), Block>,
+    header: &RecordHeader,
+    offset: u64,
+    block_bytes: u32,
+    hashes: &[[u8; BLOCK_HASH_BYTES]],
+) -> Result<Vec<u8>, ApplyError> {
+    let replica = job
+        .replicas
+        .get(&header.disk)
+        .ok_or(ApplyError::UnknownDisk {
+            seq: header.seq,
+            disk: header.disk,
+        })?;
+    let size = replica.device.size_bytes();
+    let mut differing = vec![0u8; hashes.len().div_ceil(8)];
+    let mut buf = vec![0u8; block_bytes as usize];
+    for (i, hash) in hashes.iter().enumerate() {
+        let Some(start) = (i as u64)
+            .checked_mul(u64::from(block_bytes))
+            .and_then(|d| offset.checked_add(d))
+            .filter(|&start| start < size)
+        else {
+            break;
+        };
+        let len = (size - start).min(u64::from(block_bytes)) as usize;
+        let bytes = &mut buf[..len];
+        replica
+            .device
+            .read_at(bytes, start)
+            .map_err(|source| ApplyError::Io {
+                disk: replica.info.name.clone(),
+                source,
+            })?;
+        let block = BLOCK_BYTES as u64;
+        let end = start + len as u64;
+        for b in start / block..end.div_ceil(block) {
+            if let Some(image) = overlay.get(&(header.disk, b)) {
+                // The block as an earlier record of this pass left it.
+                let mut whole = vec![0u8; BLOCK_BYTES];
+                image.copy_to(&mut whole);
+                let (from, to) = ((b * block).max(start), ((b + 1) * block).min(end));
+                bytes[(from - start) as usize..(to - start) as usize].copy_from_slice(
+                    &whole[(from - b * block) as usize..(to - b * block) as usize],
+                );
+            }
+        }
+        if block_hash(bytes) != *hash {
+            differing[i / 8] |= 1 << (i % 8);
+        }
+    }
+    Ok(differing)
+}
+
 /// The checkpoint a `Checkpoint` record asks for, if its payload is a valid mark.
 fn tagged_checkpoint(header: &RecordHeader, payload: &[u8]) -> Option<Checkpoint> {
     let mark = journal::mark::CheckpointMark::decode(payload).ok()?;
@@ -254,6 +315,9 @@ pub fn apply_pass(job: &Job, up_to: Seq) -> Result<Pass, ApplyError> {
     let mut entries: Vec<Entry> = Vec::new();
     let mut image_bytes = 0usize;
     let mut checkpoints: Vec<Checkpoint> = Vec::new();
+    let mut resyncs = job.resyncs();
+    let mut resyncs_changed = false;
+    let mut needs: Vec<ResyncNeed> = Vec::new();
     let mut expected = applied.next();
     while expected <= up_to
         && held.len() < APPLY_PASS_RECORDS_MAX
@@ -269,11 +333,57 @@ pub fn apply_pass(job: &Job, up_to: Seq) -> Result<Pass, ApplyError> {
                 found: header.seq,
             });
         }
+        let consistent = resyncs.last().is_none_or(|r| r.end.is_some());
         if header.kind == RecordKind::Checkpoint {
-            if let Some(cp) = tagged_checkpoint(&header, rec.payload) {
-                checkpoints.push(cp);
-            } else {
-                tracing::warn!(job = %job.id(), seq = %header.seq, "checkpoint record with an unreadable mark; ignored");
+            match tagged_checkpoint(&header, rec.payload) {
+                // A replica in the middle of a resync is no recovery point.
+                Some(_) if !consistent => {
+                    tracing::warn!(job = %job.id(), seq = %header.seq, "checkpoint inside a resync; not recorded")
+                }
+                Some(cp) => checkpoints.push(cp),
+                None => {
+                    tracing::warn!(job = %job.id(), seq = %header.seq, "checkpoint record with an unreadable mark; ignored")
+                }
+            }
+        }
+        if header.kind == RecordKind::Resync {
+            match ResyncMark::decode(rec.payload) {
+                Ok(ResyncMark::Begin {
+                    reason,
+                    total_bytes,
+                }) => {
+                    tracing::info!(job = %job.id(), seq = %header.seq, reason = reason.name(), total_bytes, "resync begins: the replicas are inconsistent until it ends");
+                    if consistent {
+                        resyncs.push(ResyncInterval {
+                            begin: header.seq,
+                            end: None,
+                        });
+                        resyncs_changed = true;
+                    }
+                }
+                Ok(ResyncMark::End) => {
+                    if let Some(open) = resyncs.last_mut().filter(|r| r.end.is_none()) {
+                        tracing::info!(job = %job.id(), seq = %header.seq, began = %open.begin, "resync ends: the replicas are consistent");
+                        open.end = Some(header.seq);
+                        resyncs_changed = true;
+                    }
+                }
+                Ok(ResyncMark::Hashes {
+                    offset,
+                    block_bytes,
+                    hashes,
+                }) => {
+                    let differing =
+                        compare_hashes(job, &overlay, &header, offset, block_bytes, &hashes)?;
+                    needs.push(ResyncNeed {
+                        hashes_seq: header.seq,
+                        count: hashes.len() as u32,
+                        differing,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job.id(), seq = %header.seq, error = %e, "resync record with an unreadable mark; ignored")
+                }
             }
         }
         if let Some((first, last)) = block_span(&header) {
@@ -332,14 +442,11 @@ pub fn apply_pass(job: &Job, up_to: Seq) -> Result<Pass, ApplyError> {
         return Ok(pass);
     };
     let last_timestamp = held.last().map_or(Timestamp(0), |h| h.header.timestamp);
+    let consistent_at_end = resyncs.last().is_none_or(|r| r.end.is_some());
     if let Some(auto) = job.auto_checkpoint_due(last, last_timestamp) {
-        if !checkpoints.iter().any(|c| c.seq == auto.seq) {
+        if consistent_at_end && !checkpoints.iter().any(|c| c.seq == auto.seq) {
             checkpoints.push(auto);
         }
-    }
-    if !job.consistent() {
-        // A replica in the middle of a resync is no recovery point.
-        checkpoints.clear();
     }
 
     // 3: before-images durable, the pass marked pending.
@@ -377,9 +484,16 @@ pub fn apply_pass(job: &Job, up_to: Seq) -> Result<Pass, ApplyError> {
 
     // 5: applied, checkpoints, pending cleared.
     checkpoints.sort_by_key(|c| c.seq);
-    job.history.finish_with(last, &checkpoints)?;
+    job.history
+        .finish_pass(last, &checkpoints, resyncs_changed.then_some(&resyncs[..]))?;
     failpoint!("apply::after-finish");
     job.set_applied(last);
+    if resyncs_changed {
+        job.set_resyncs(resyncs);
+    }
+    for need in needs {
+        job.send_resync_need(need);
+    }
     for cp in &checkpoints {
         job.note_checkpoint(cp);
     }

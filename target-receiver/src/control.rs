@@ -48,7 +48,7 @@ impl From<HistoryError> for ControlError {
 impl From<ViewError> for ControlError {
     fn from(e: ViewError) -> Self {
         match e {
-            ViewError::Expired { .. } | ViewError::Future { .. } => {
+            ViewError::Expired { .. } | ViewError::Future { .. } | ViewError::InResync { .. } => {
                 ControlError::Conflict(e.to_string())
             }
             ViewError::UnknownDisk(_) | ViewError::OutOfRange { .. } | ViewError::ReadOnly => {

@@ -40,6 +40,26 @@ const CF_META: &str = "meta";
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_PENDING: &[u8] = b"pending";
 const KEY_FLOOR: &[u8] = b"floor";
+const KEY_RESYNCS: &[u8] = b"resyncs";
+/// Resync intervals kept in the meta column, at most (the oldest go first).
+pub const RESYNC_INTERVALS_MAX: usize = 1024;
+
+/// The seqs of one resync: the replicas are no recovery point strictly between `begin` and
+/// `end` (at `begin` nothing has changed yet; at `end` every differing block was sent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResyncInterval {
+    /// Seq of the `Resync` begin record.
+    pub begin: Seq,
+    /// Seq of the end record; `None` while the resync goes on.
+    pub end: Option<Seq>,
+}
+
+impl ResyncInterval {
+    /// Whether the replicas at `seq` are inside this resync (no recovery point).
+    pub fn covers(&self, seq: Seq) -> bool {
+        seq > self.begin && self.end.is_none_or(|end| seq < end)
+    }
+}
 /// `before` keys: disk (4) + block (8) + seq (8).
 const BEFORE_KEY_BYTES: usize = 20;
 /// The part of a `before` key naming the block.
@@ -419,8 +439,28 @@ impl History {
         applied: Seq,
         checkpoints: &[Checkpoint],
     ) -> Result<(), HistoryError> {
+        self.finish_pass(applied, checkpoints, None)
+    }
+
+    /// [`History::finish_with`], also replacing the resync intervals when the pass changed
+    /// them, in the same durable write.
+    pub fn finish_pass(
+        &self,
+        applied: Seq,
+        checkpoints: &[Checkpoint],
+        resyncs: Option<&[ResyncInterval]>,
+    ) -> Result<(), HistoryError> {
         let meta = self.cf(CF_META)?;
         let mut batch = WriteBatch::default();
+        if let Some(resyncs) = resyncs {
+            let keep = &resyncs[resyncs.len().saturating_sub(RESYNC_INTERVALS_MAX)..];
+            let mut bytes = Vec::with_capacity(keep.len() * 16);
+            for r in keep {
+                bytes.extend_from_slice(&r.begin.0.to_be_bytes());
+                bytes.extend_from_slice(&r.end.map_or(0, |e| e.0).to_be_bytes());
+            }
+            batch.put_cf(meta, KEY_RESYNCS, bytes);
+        }
         batch.put_cf(meta, KEY_APPLIED, applied.0.to_be_bytes());
         batch.delete_cf(meta, KEY_PENDING);
         for cp in checkpoints {
@@ -517,6 +557,30 @@ impl History {
             batch.delete_cf(cf, seq.0.to_be_bytes());
         }
         self.sync_write(batch)
+    }
+
+    /// The resyncs the history knows, oldest first (the last may still be open).
+    pub fn resync_intervals(&self) -> Result<Vec<ResyncInterval>, HistoryError> {
+        let Some(bytes) = self.db.get_cf(self.cf(CF_META)?, KEY_RESYNCS)? else {
+            return Ok(Vec::new());
+        };
+        if bytes.len() % 16 != 0 {
+            return Err(HistoryError::Corrupt {
+                what: "resync intervals",
+                detail: format!("{} bytes", bytes.len()),
+            });
+        }
+        bytes
+            .chunks_exact(16)
+            .map(|c| {
+                let begin = Seq(read_u64(&c[..8], "resync begin")?);
+                let end = read_u64(&c[8..], "resync end")?;
+                Ok(ResyncInterval {
+                    begin,
+                    end: (end != 0).then_some(Seq(end)),
+                })
+            })
+            .collect()
     }
 
     /// Points at or below this seq are gone.

@@ -5,6 +5,8 @@
 //! DATA_DIR/jobs/<job id>/landing/                  the landing journal (journal crate)
 //! DATA_DIR/jobs/<job id>/replicas/<disk>.img       one raw replica per source disk
 //! DATA_DIR/jobs/<job id>/history/                  before-images, checkpoints, applied seq (RocksDB)
+//! DATA_DIR/jobs/<job id>/control.toml              paused, throttle (operator settings)
+//! DATA_DIR/seed/<job name>/<disk>.img              optional pre-seeded replica, moved in on creation
 //! ```
 //!
 //! A [`Job`] holds the open landing journal, the replicas, the history store and the live
@@ -22,14 +24,16 @@ use std::time::Instant;
 
 use blockdev::{create_image, FileDevice};
 use journal::ship::JobInfo;
-use journal::wire::{CheckpointRequest, DiskInfo, Heartbeat, Mode};
+use journal::wire::{
+    AgentStatus, CheckpointRequest, Control, DiskInfo, Heartbeat, Mode, ResyncNeed,
+};
 use journal::{DiskId, Generation, JobId, Journal, JournalConfig, Seq, SharedJournal};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::watch;
 use transport::fsutil::{write_replacing, MODE_PUBLIC_FILE};
 
-use crate::history::{Checkpoint, CheckpointKind, History};
+use crate::history::{Checkpoint, CheckpointKind, History, ResyncInterval};
 
 /// The directory holding every job.
 pub const JOBS_DIR: &str = "jobs";
@@ -41,6 +45,23 @@ pub const LANDING_DIR: &str = "landing";
 pub const REPLICAS_DIR: &str = "replicas";
 /// A job's history store directory.
 pub const HISTORY_DIR: &str = "history";
+/// A job's operator settings (pause, throttle).
+pub const CONTROL_FILE: &str = "control.toml";
+/// Pre-seeded replicas: `DATA_DIR/seed/<job name>/<disk name>.img` is moved into a new job.
+pub const SEED_DIR: &str = "seed";
+/// Resync answers queued for the connected stream, at most (the agent keeps far fewer
+/// hashes records unanswered).
+pub const RESYNC_NEEDS_QUEUED_MAX: usize = 1024;
+
+/// `control.toml`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlFile {
+    #[serde(default)]
+    paused: bool,
+    #[serde(default)]
+    throttle_bytes_per_second: u64,
+}
 /// Default interval between automatic checkpoints.
 pub const CHECKPOINT_INTERVAL_DEFAULT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -201,6 +222,8 @@ pub struct LinkStatus {
     pub heartbeat: Option<(Heartbeat, Instant)>,
     /// Why the last connection ended or was refused, if it did not end cleanly.
     pub last_error: Option<String>,
+    /// The agent's last status (state, resync progress), as it reported it.
+    pub agent_status: Option<AgentStatus>,
 }
 
 /// One replica disk.
@@ -253,6 +276,12 @@ pub struct Job {
     next_request_id: AtomicU64,
     /// What the last retention pass found (for metrics and the API).
     retention: Mutex<Option<crate::retention::RetentionOutcome>>,
+    /// The resyncs the history records (the last may be open); the applier's copy.
+    resyncs: Mutex<Vec<ResyncInterval>>,
+    /// The connected stream's channel for resync answers (`None` while disconnected).
+    resync_needs: Mutex<Option<tokio::sync::mpsc::Sender<ResyncNeed>>>,
+    /// The operator's settings for the link; the connected stream sends every change.
+    pub control: watch::Sender<Control>,
 }
 
 /// Why a checkpoint could not be asked for.
@@ -283,8 +312,18 @@ impl Job {
     /// and empty landing journal, all durable, or opens what an earlier attempt left.
     fn create(dir: PathBuf, meta: JobMeta) -> Result<Job, JobError> {
         fs::create_dir_all(dir.join(REPLICAS_DIR)).map_err(io_error(&dir))?;
+        let seed_dir = dir
+            .parent()
+            .and_then(Path::parent)
+            .map(|data| data.join(SEED_DIR).join(&meta.info.job_name));
         for disk in &meta.info.disks {
             let path = replica_path(&dir, &disk.name)?;
+            if let Some(seed) = seed_dir
+                .as_ref()
+                .map(|d| d.join(format!("{}.img", disk.name)))
+            {
+                take_seed(&seed, &path, disk.size_bytes)?;
+            }
             create_image(&path, disk.size_bytes).map_err(io_error(&path))?;
         }
         let text = toml::to_string(&meta.to_file()).map_err(|e| JobError::Parse {
@@ -350,6 +389,9 @@ impl Job {
                 ),
             });
         }
+        let resyncs = history.resync_intervals().map_err(history_error)?;
+        let consistent = resyncs.last().is_none_or(|r| r.end.is_some());
+        let control = read_control(&dir.join(CONTROL_FILE))?;
         let (landed_tx, _) = watch::channel(landed);
         let (session, _) = watch::channel(0);
         let job = Job {
@@ -362,7 +404,7 @@ impl Job {
             session,
             landed: landed_tx,
             applied: AtomicU64::new(applied.0),
-            consistent: AtomicBool::new(true),
+            consistent: AtomicBool::new(consistent),
             last_checkpoint_micros: AtomicU64::new(last_checkpoint),
             checkpoint_interval_micros: AtomicU64::new(
                 CHECKPOINT_INTERVAL_DEFAULT.as_micros() as u64
@@ -375,6 +417,9 @@ impl Job {
             checkpoint_requests: Mutex::new(None),
             next_request_id: AtomicU64::new(1),
             retention: Mutex::new(None),
+            resyncs: Mutex::new(resyncs),
+            resync_needs: Mutex::new(None),
+            control: watch::channel(control).0,
         };
         if let Some(pending) = crate::apply::recover(&job).map_err(|e| JobError::Recover {
             job: job.id(),
@@ -485,6 +530,50 @@ impl Job {
         Ok(request_id)
     }
 
+    /// The resyncs the history records, oldest first.
+    pub fn resyncs(&self) -> Vec<ResyncInterval> {
+        lock(&self.resyncs).clone()
+    }
+
+    /// The applier recorded new resync intervals (durably, with its pass).
+    pub fn set_resyncs(&self, resyncs: Vec<ResyncInterval>) {
+        let consistent = resyncs.last().is_none_or(|r| r.end.is_some());
+        *lock(&self.resyncs) = resyncs;
+        self.set_consistent(consistent);
+    }
+
+    /// The connected stream takes resync answers through `sender` (`None`: it ended).
+    pub fn set_resync_channel(&self, sender: Option<tokio::sync::mpsc::Sender<ResyncNeed>>) {
+        *lock(&self.resync_needs) = sender;
+    }
+
+    /// Sends the answer to a hashes record to the connected agent. Without a connection it
+    /// is dropped: the agent asks again for every region it has no answer for when it
+    /// reconnects.
+    pub fn send_resync_need(&self, need: ResyncNeed) {
+        if let Some(sender) = lock(&self.resync_needs).as_ref() {
+            if sender.try_send(need).is_err() {
+                tracing::warn!(job = %self.id(), "resync answer dropped: the stream's queue is full or closed; the agent will ask again");
+            }
+        }
+    }
+
+    /// Changes the operator's link settings, durably, and tells the connected agent.
+    pub fn set_control(&self, control: Control) -> Result<(), JobError> {
+        let path = self.dir.join(CONTROL_FILE);
+        let file = ControlFile {
+            paused: control.paused,
+            throttle_bytes_per_second: control.throttle_bytes_per_second,
+        };
+        let text = toml::to_string(&file).map_err(|e| JobError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        write_replacing(&path, text.as_bytes(), MODE_PUBLIC_FILE).map_err(io_error(&path))?;
+        self.control.send_replace(control);
+        Ok(())
+    }
+
     /// What the last retention pass found.
     pub fn retention(&self) -> Option<crate::retention::RetentionOutcome> {
         lock(&self.retention).clone()
@@ -520,6 +609,51 @@ impl Job {
     pub fn set_apply_error(&self, error: Option<String>) {
         *lock(&self.apply_error) = error;
     }
+}
+
+/// Reads `control.toml`; absent: not paused, no throttle.
+fn read_control(path: &Path) -> Result<Control, JobError> {
+    let file: ControlFile = match fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| JobError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => ControlFile::default(),
+        Err(e) => return Err(io_error(path)(e)),
+    };
+    Ok(Control {
+        paused: file.paused,
+        throttle_bytes_per_second: file.throttle_bytes_per_second,
+    })
+}
+
+/// Moves a pre-seeded replica from `seed` to `replica` when there is one (and no replica
+/// yet): a copy of the source disk made by other means, so the initial sync only compares
+/// hashes. A seed of the wrong size is refused, never truncated.
+fn take_seed(seed: &Path, replica: &Path, size_bytes: u64) -> Result<(), JobError> {
+    let meta = match fs::metadata(seed) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_error(seed)(e)),
+    };
+    if replica.exists() {
+        return Ok(());
+    }
+    if meta.len() != size_bytes {
+        return Err(JobError::Io {
+            path: seed.to_owned(),
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the seed holds {} bytes but the disk has {size_bytes}; remove or fix it",
+                    meta.len()
+                ),
+            ),
+        });
+    }
+    fs::rename(seed, replica).map_err(io_error(seed))?;
+    tracing::info!(seed = %seed.display(), replica = %replica.display(), "pre-seeded replica moved in");
+    Ok(())
 }
 
 /// Where the replica of disk `name` lives in job directory `dir`.

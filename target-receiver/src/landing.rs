@@ -208,6 +208,10 @@ async fn serve_stream(
     let mut sessions = job.session.subscribe();
     let (checkpoint_tx, mut checkpoint_rx) = tokio::sync::mpsc::channel(CHECKPOINT_REQUESTS_MAX);
     job.set_checkpoint_channel(Some(checkpoint_tx));
+    let (need_tx, mut need_rx) = tokio::sync::mpsc::channel(crate::jobs::RESYNC_NEEDS_QUEUED_MAX);
+    job.set_resync_channel(Some(need_tx));
+    let mut control = job.control.subscribe();
+    lander.send_control(*control.borrow_and_update());
     job.update_link(|l| {
         l.connected = true;
         l.last_error = None;
@@ -219,9 +223,12 @@ async fn serve_stream(
         session,
         stop: &mut stop,
         checkpoints: &mut checkpoint_rx,
+        needs: &mut need_rx,
+        control: &mut control,
     };
     let result = land(&job, &mut lander, &mut rx, &mut tx, signals).await;
     job.set_checkpoint_channel(None);
+    job.set_resync_channel(None);
     let corrupt = lander.corrupt_records_total();
     job.update_link(|l| {
         l.connected = false;
@@ -244,6 +251,10 @@ struct Signals<'a> {
     stop: &'a mut watch::Receiver<bool>,
     /// Checkpoints operators asked for, to send to the agent.
     checkpoints: &'a mut tokio::sync::mpsc::Receiver<journal::wire::CheckpointRequest>,
+    /// The applier's answers to resync hashes records, to send to the agent.
+    needs: &'a mut tokio::sync::mpsc::Receiver<journal::wire::ResyncNeed>,
+    /// The operator's link settings; every change goes to the agent.
+    control: &'a mut watch::Receiver<journal::wire::Control>,
 }
 
 async fn land(
@@ -258,6 +269,8 @@ async fn land(
         session,
         stop,
         checkpoints,
+        needs,
+        control,
     } = signals;
     let mut sync_task: Option<JoinHandle<Result<Seq, SyncError>>> = None;
     let mut corrupt_seen = 0;
@@ -300,6 +313,8 @@ async fn land(
                 }
             }
             Some(request) = checkpoints.recv() => lander.request_checkpoint(request),
+            Some(need) = needs.recv() => lander.send_resync_need(need),
+            Ok(()) = control.changed() => lander.send_control(*control.borrow_and_update()),
             frame = rx.recv() => match frame? {
                 None => {
                     tx.finish();
@@ -322,11 +337,21 @@ async fn land(
                 }
                 Some(other) => {
                     let heartbeat = matches!(other, Frame::Heartbeat(_));
+                    let status = matches!(other, Frame::AgentStatus(_));
                     lander.handle_frame(other)?;
                     if heartbeat {
                         if let Some(h) = lander.last_heartbeat() {
                             let h = *h;
                             job.update_link(|l| l.heartbeat = Some((h, Instant::now())));
+                        }
+                    }
+                    if status {
+                        if let Some(a) = lander.last_status() {
+                            let a = a.clone();
+                            if job.link().agent_status.as_ref().is_none_or(|old| old.state != a.state) {
+                                tracing::info!(job = %job.id(), state = a.state.name(), reason = %a.reason, "agent reports a new job state");
+                            }
+                            job.update_link(|l| l.agent_status = Some(a));
                         }
                     }
                 }

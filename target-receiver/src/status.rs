@@ -20,14 +20,29 @@ use crate::history::{Checkpoint, CheckpointKind};
 use crate::jobs::{mode_name, Job, Jobs};
 use crate::views::{self, View, Views};
 
-/// The job's state as the operator sees it.
+/// The job's state as the operator sees it: while the agent is connected, the state it
+/// reports (`syncing`, `replicating`, `ahead`, `resyncing`, `paused`, `error`); otherwise
+/// what the appliance knows (`paused`, `disconnected`, `refused`, `waiting`), or `error`
+/// when the applier is stopped on one.
 pub fn job_state(job: &Job) -> (&'static str, Option<String>) {
     let link = job.link();
     if let Some(error) = job.apply_error() {
         return ("error", Some(format!("applier: {error}")));
     }
     if link.connected {
-        return ("replicating", None);
+        return match &link.agent_status {
+            Some(a) => (
+                a.state.name(),
+                (!a.reason.is_empty()).then(|| a.reason.clone()),
+            ),
+            None => ("replicating", None),
+        };
+    }
+    if job.control.borrow().paused {
+        return (
+            "paused",
+            Some("paused by an operator; the agent is not connected".into()),
+        );
     }
     match link.last_error {
         Some(e) if e.starts_with("refused") => ("refused", Some(e)),
@@ -41,7 +56,17 @@ pub fn job_state(job: &Job) -> (&'static str, Option<String>) {
 }
 
 /// Every state [`job_state`] can report, for the `cdp_job_state` metric.
-pub const JOB_STATES: [&str; 5] = ["replicating", "disconnected", "refused", "error", "waiting"];
+pub const JOB_STATES: [&str; 9] = [
+    "syncing",
+    "replicating",
+    "ahead",
+    "resyncing",
+    "paused",
+    "disconnected",
+    "refused",
+    "error",
+    "waiting",
+];
 
 /// A job's status for the REST API.
 pub fn job_status(job: &Job) -> JobStatus {
@@ -74,6 +99,17 @@ pub fn job_status(job: &Job) -> JobStatus {
         history_oldest_time: oldest.map(|c| crate::control::format_time(c.timestamp.0)),
         checkpoints: retention.as_ref().map_or(0, |r| r.checkpoints as u64),
         consistent: job.consistent(),
+        resync_done_bytes: link
+            .agent_status
+            .as_ref()
+            .map_or(0, |a| a.resync_done_bytes),
+        resync_total_bytes: link
+            .agent_status
+            .as_ref()
+            .map_or(0, |a| a.resync_total_bytes),
+        dirty_bytes: link.agent_status.as_ref().map_or(0, |a| a.dirty_bytes),
+        paused: job.control.borrow().paused,
+        throttle_bytes_per_second: job.control.borrow().throttle_bytes_per_second,
         disks: job
             .replicas
             .values()
@@ -264,6 +300,8 @@ pub struct ApplianceMetrics {
     checkpoints: Family<JobLabel, Gauge>,
     history_over_bound: Family<JobLabel, Gauge>,
     consistent: Family<JobLabel, Gauge>,
+    resync_remaining_bytes: Family<JobLabel, Gauge>,
+    dirty_bytes: Family<JobLabel, Gauge>,
 }
 
 impl Default for ApplianceMetrics {
@@ -291,6 +329,8 @@ impl ApplianceMetrics {
             checkpoints: Family::default(),
             history_over_bound: Family::default(),
             consistent: Family::default(),
+            resync_remaining_bytes: Family::default(),
+            dirty_bytes: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -363,6 +403,16 @@ impl ApplianceMetrics {
             "1 while the job's replicas are a consistent image (0 during a resync: no recovery point)",
             m.consistent.clone(),
         );
+        r.register(
+            "cdp_resync_remaining_bytes",
+            "Bytes of dirty regions the current initial sync or resync has still to compare (agent's report)",
+            m.resync_remaining_bytes.clone(),
+        );
+        r.register(
+            "cdp_dirty_bytes",
+            "Bytes of regions the agent has marked dirty, to be resynced (agent's report)",
+            m.dirty_bytes.clone(),
+        );
         m
     }
 
@@ -413,6 +463,17 @@ impl ApplianceMetrics {
             self.consistent
                 .get_or_create(&label)
                 .set(i64::from(status.consistent));
+            self.resync_remaining_bytes.get_or_create(&label).set(
+                i64::try_from(
+                    status
+                        .resync_total_bytes
+                        .saturating_sub(status.resync_done_bytes),
+                )
+                .unwrap_or(i64::MAX),
+            );
+            self.dirty_bytes
+                .get_or_create(&label)
+                .set(i64::try_from(status.dirty_bytes).unwrap_or(i64::MAX));
             if let Some(r) = job.retention() {
                 if let Some(oldest) = &r.oldest {
                     let age = crate::control::now_micros().saturating_sub(oldest.timestamp.0)

@@ -46,6 +46,16 @@ pub enum ViewError {
         /// The applied seq.
         applied: Seq,
     },
+    /// The point lies inside a resync: the replicas were no consistent image there.
+    #[error("seq {at} lies inside a resync (seqs {begin} to {}): the replicas were not a consistent image there; pick a point before or after it", .end.map_or_else(|| "now".to_owned(), |e| e.to_string()))]
+    InResync {
+        /// The point asked for.
+        at: Seq,
+        /// The resync's begin record.
+        begin: Seq,
+        /// Its end record, if it ended.
+        end: Option<Seq>,
+    },
     /// The disk is not the job's.
     #[error("the job has no disk id {}", .0 .0)]
     UnknownDisk(DiskId),
@@ -308,6 +318,13 @@ impl Views {
         let applied = job.applied();
         if at > applied {
             return Err(ViewError::Future { at, applied });
+        }
+        if let Some(r) = job.resyncs().into_iter().find(|r| r.covers(at)) {
+            return Err(ViewError::InResync {
+                at,
+                begin: r.begin,
+                end: r.end,
+            });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let dir = writable.then(|| self.dir.join(id.to_string()));

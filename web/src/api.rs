@@ -86,6 +86,22 @@ pub struct JobStatus {
     /// that does not send it reads as `false`.
     #[serde(default)]
     pub consistent: bool,
+    /// Bytes of dirty regions compared so far by the current initial sync or resync (as the
+    /// agent last reported; 0 when none runs).
+    #[serde(default)]
+    pub resync_done_bytes: u64,
+    /// Bytes of dirty regions the current initial sync or resync compares.
+    #[serde(default)]
+    pub resync_total_bytes: u64,
+    /// Bytes of regions the agent has marked dirty (writes not journalled, to be resynced).
+    #[serde(default)]
+    pub dirty_bytes: u64,
+    /// An operator paused the job (`cdp pause`).
+    #[serde(default)]
+    pub paused: bool,
+    /// The job's bandwidth limit in stored bytes per second; 0 = none (`cdp throttle`).
+    #[serde(default)]
+    pub throttle_bytes_per_second: u64,
 }
 
 /// One disk of a job and its replica on the appliance.
@@ -899,6 +915,11 @@ pub(crate) mod tests {
                 history_oldest_time: Some("2025-06-01T11:00:00.000000Z".to_owned()),
                 checkpoints: 2,
                 consistent: true,
+                resync_done_bytes: 0,
+                resync_total_bytes: 0,
+                dirty_bytes: 0,
+                paused: false,
+                throttle_bytes_per_second: 0,
             },
             JobStatus {
                 id: ID_DB.to_owned(),
@@ -935,6 +956,11 @@ pub(crate) mod tests {
                 history_oldest_time: None,
                 checkpoints: 0,
                 consistent: false,
+                resync_done_bytes: 0,
+                resync_total_bytes: 0,
+                dirty_bytes: 0,
+                paused: false,
+                throttle_bytes_per_second: 0,
             },
         ]
     }
