@@ -229,13 +229,21 @@ impl Agent {
         // The journal is the source of truth: before serving, every record it holds is
         // applied again to its backing disk (a crash may have cut a backing write short).
         let mut watermark = None;
+        let mut redo_floor = journal::Seq::NONE;
         if let Some(journal) = &shared_journal {
             let devices: BTreeMap<journal::DiskId, (String, Arc<dyn BlockDevice>)> = opened
                 .iter()
                 .map(|(disk, device, id)| (*id, (disk.name.clone(), Arc::clone(device))))
                 .collect();
             let j = Arc::clone(journal);
-            let done = tokio::task::spawn_blocking(move || crate::redo::redo(&j, &devices))
+            let floor = crate::tracker::read_redo_floor(data_dir).map_err(|message| {
+                StartError::Journal {
+                    path: data_dir.join(crate::tracker::REDO_FLOOR_FILE),
+                    message,
+                }
+            })?;
+            redo_floor = floor;
+            let done = tokio::task::spawn_blocking(move || crate::redo::redo(&j, &devices, floor))
                 .await
                 .map_err(|e| StartError::Journal {
                     path: data_dir.join(crate::journal_sink::JOURNAL_DIR),
@@ -256,7 +264,7 @@ impl Agent {
             .clone()
             .filter(|_| config.replication.is_some())
             .map(|w| {
-                let devices = opened
+                let devices: BackingDevices = opened
                     .iter()
                     .map(|(disk, device, _)| (disk.name.clone(), Arc::clone(device)))
                     .collect();
@@ -264,6 +272,8 @@ impl Agent {
             });
         let mut shipping = None;
         let mut replication = None;
+        let mut tracker = None;
+        let mut initial_sync = false;
         if let Some(settings) = &config.replication {
             let journal = shared_journal.clone().ok_or_else(|| {
                 StartError::Replication("replication needs the agent's own journal".into())
@@ -287,6 +297,37 @@ impl Agent {
             };
             let mut setup = shipper_setup(data_dir, settings, job)?;
             setup.backing = watermark.clone();
+            if let (Some(w), Some((_, devices))) = (&watermark, &backing_sync) {
+                let path = data_dir.join(crate::dirty::DIRTY_MAP_FILE);
+                let created = !path.exists();
+                let sizes: Vec<(journal::DiskId, u64)> = opened
+                    .iter()
+                    .map(|(_, device, id)| (*id, device.size_bytes()))
+                    .collect();
+                let map = crate::dirty::DirtyMap::open(
+                    &path,
+                    &sizes,
+                    crate::dirty::REGION_BYTES_DEFAULT,
+                    crate::dirty::Initial::Dirty,
+                )
+                .map_err(|e| StartError::Replication(format!("{}: {e}", path.display())))?;
+                if created {
+                    tracing::info!("new dirty map: every region is dirty until the initial sync has compared it");
+                } else if !map.is_clean() {
+                    tracing::info!(
+                        dirty_bytes = map.dirty_bytes(),
+                        "regions marked dirty before the restart will be resynced"
+                    );
+                }
+                tracker = Some(Arc::new(crate::tracker::Tracker::new(
+                    Arc::new(map),
+                    Arc::clone(w),
+                    devices.clone(),
+                    data_dir,
+                    redo_floor,
+                )));
+                initial_sync = created;
+            }
             replication = Some(Arc::new(Replication::new(
                 setup.job.mode,
                 Duration::from_millis(settings.sync_ack_timeout_ms),
@@ -306,7 +347,8 @@ impl Agent {
             let chain = Arc::new(
                 DiskChain::new(id, &disk.name, &disk.chain, device, &sink, &metrics)
                     .with_replication(replication.clone())
-                    .with_watermark(watermark.clone()),
+                    .with_watermark(watermark.clone())
+                    .with_tracker(tracker.clone()),
             );
             let filters: Vec<&str> = disk.chain.iter().map(|f| f.name()).collect();
             ctx.add_export(Export {
@@ -321,6 +363,29 @@ impl Agent {
                 read_only: false,
             })?;
             chains.push(chain);
+        }
+
+        if let (Some(tracker), Some(w), Some((setup, journal))) =
+            (&tracker, &watermark, shipping.as_mut())
+        {
+            let disks = chains
+                .iter()
+                .filter_map(|c| {
+                    Some(crate::resync::ResyncDisk {
+                        id: c.id(),
+                        name: c.name().to_owned(),
+                        device: c.device(),
+                        ranges: c.ranges()?,
+                    })
+                })
+                .collect();
+            setup.resync = Some(crate::resync::Resync::new(
+                Arc::clone(tracker),
+                Arc::clone(w),
+                Arc::clone(journal),
+                disks,
+                initial_sync,
+            ));
         }
 
         let mut listening = Vec::new();
@@ -570,6 +635,10 @@ fn shipper_setup(
         );
     }
     Ok(ShipperSetup {
+        resync: None,
+        backlog_bytes_max: settings.backlog_bytes_max,
+        backlog_age_max: Duration::from_secs(settings.backlog_age_max_secs),
+        throttle_bytes_per_second: settings.throttle_bytes_per_second,
         job,
         target: settings.target,
         client,

@@ -27,6 +27,7 @@ use crate::ranges::RangeLocks;
 use crate::redo::BackingWatermark;
 use crate::replicate::Replication;
 use crate::sink::{DiskId, RecordKind, RecordSink, Seq, SinkEntry, SinkError, Timestamp};
+use crate::tracker::Tracker;
 
 /// What an operation on the backing disk gives back: the data of a read, nothing otherwise.
 type BackingResult = io::Result<Option<Vec<u8>>>;
@@ -147,6 +148,9 @@ pub struct DiskChain {
     replication: Option<Arc<Replication>>,
     /// Which journaled records reached the backing disk (shared by every disk of the job).
     watermark: Option<Arc<BackingWatermark>>,
+    /// The job's tracking switch: while it is on, writes mark dirty regions instead of
+    /// being journalled.
+    tracker: Option<Arc<Tracker>>,
 }
 
 impl DiskChain {
@@ -176,7 +180,29 @@ impl DiskChain {
             device,
             replication: None,
             watermark: None,
+            tracker: None,
         }
+    }
+
+    /// The same chain, tracking dirty regions instead of journalling while `tracker` says so.
+    /// Needs the watermark (the switch is made under its lock).
+    pub fn with_tracker(mut self, tracker: Option<Arc<Tracker>>) -> Self {
+        self.tracker = tracker;
+        self
+    }
+
+    /// The range locks of the journal filter, if the chain has one: whoever reads the
+    /// backing disk to journal its content (the resync) takes them like a write does.
+    pub fn ranges(&self) -> Option<Arc<RangeLocks>> {
+        self.stages.iter().find_map(|s| match s {
+            Stage::Journal { ranges, .. } => Some(Arc::clone(ranges)),
+            Stage::Stats(_) => None,
+        })
+    }
+
+    /// The backing disk.
+    pub fn device(&self) -> Arc<dyn BlockDevice> {
+        Arc::clone(&self.device)
     }
 
     /// The same chain, registering its appends and completed backing writes with `watermark`.
@@ -302,8 +328,13 @@ impl DiskChain {
             let payload = Arc::clone(&request.payload);
             let (disk, timestamp) = (self.id, request.timestamp);
             let watermark = self.watermark.clone();
+            let tracker = self.tracker.clone();
             self.blocking(move || {
                 let append = || -> Result<Vec<Seq>, SinkError> {
+                    // Decided under the watermark's lock, where the tracker switches.
+                    if tracker.as_ref().is_some_and(|t| t.tracking()) {
+                        return Ok(Vec::new());
+                    }
                     if kind == RecordKind::Write {
                         return Ok(vec![sink.append(&SinkEntry {
                             disk,
@@ -337,11 +368,19 @@ impl DiskChain {
                     }
                     Ok(seqs)
                 };
-                let seqs = match &watermark {
+                let mut seqs = match &watermark {
                     Some(w) => w.append(append),
                     None => append(),
                 };
-                // Never write the backing disk for a request whose append failed.
+                if let (Ok(s), Some(t)) = (&seqs, &tracker) {
+                    if s.is_empty() {
+                        // Tracked: the region's mark is durable before the disk changes.
+                        if let Err(e) = t.before_tracked_write(disk, offset, u64::from(length)) {
+                            seqs = Err(SinkError::Journal(e.to_string()));
+                        }
+                    }
+                }
+                // Never write the backing disk for a request whose append (or mark) failed.
                 let backing = match (&seqs, direct) {
                     (Ok(_), true) => Some(backing_op(&*device, op, &payload)),
                     _ => None,

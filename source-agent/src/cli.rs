@@ -46,7 +46,7 @@ pub struct PairArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// TOML configuration file (see docs/agent.md); excludes the other flags.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["data_dir", "nbd_listen", "nbd_socket", "disk", "metrics_listen", "filters", "target", "mode", "job_name", "checkpoint_hook"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["data_dir", "nbd_listen", "nbd_socket", "disk", "metrics_listen", "filters", "target", "mode", "job_name", "checkpoint_hook", "backlog_bytes_max", "backlog_age_max_secs", "throttle"])]
     pub config: Option<PathBuf>,
     /// Data directory (journal and disk table).
     #[arg(long, value_name = "DIR", required_unless_present = "config")]
@@ -78,6 +78,17 @@ pub struct RunArgs {
     /// Run as `HOOK freeze` / `HOOK thaw` around application-consistent checkpoints.
     #[arg(long, value_name = "HOOK", requires = "target")]
     pub checkpoint_hook: Option<PathBuf>,
+    /// Unacknowledged journal bytes past which the job goes `ahead` (tracks dirty regions
+    /// instead of journalling) [default: 1 GiB].
+    #[arg(long, value_name = "BYTES", requires = "target")]
+    pub backlog_bytes_max: Option<u64>,
+    /// Age in seconds of the oldest unacknowledged write past which the job goes `ahead`
+    /// [default: 600].
+    #[arg(long, value_name = "SECONDS", requires = "target")]
+    pub backlog_age_max_secs: Option<u64>,
+    /// Stored bytes per second the agent ships, at most [default: no limit].
+    #[arg(long, value_name = "BYTES_PER_SECOND", requires = "target")]
+    pub throttle: Option<u64>,
 }
 
 impl RunArgs {
@@ -101,6 +112,15 @@ impl RunArgs {
             }
             replication.job_name = self.job_name;
             replication.checkpoint_hook = self.checkpoint_hook;
+            if let Some(bytes) = self.backlog_bytes_max {
+                replication.backlog_bytes_max = bytes;
+            }
+            if let Some(secs) = self.backlog_age_max_secs {
+                replication.backlog_age_max_secs = secs;
+            }
+            if let Some(rate) = self.throttle {
+                replication.throttle_bytes_per_second = rate;
+            }
             config.replication = Some(replication);
         }
         for flag in &self.disk {

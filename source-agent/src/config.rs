@@ -79,6 +79,19 @@ pub struct ReplicationSettings {
     /// marked application-consistent only if `freeze` exits 0.
     #[serde(default)]
     pub checkpoint_hook: Option<PathBuf>,
+    /// Stored journal bytes not yet acknowledged by the appliance, at most: past it the job
+    /// goes `ahead` (writes are no longer journalled, their regions are marked dirty and
+    /// resynced later).
+    #[serde(default = "default_backlog_bytes_max")]
+    pub backlog_bytes_max: u64,
+    /// Age of the oldest write not yet acknowledged, at most, in seconds: past it the job
+    /// goes `ahead` too.
+    #[serde(default = "default_backlog_age_max_secs")]
+    pub backlog_age_max_secs: u64,
+    /// Stored record bytes per second this agent ships, at most (0: no limit). The appliance
+    /// can set a lower limit per job at run time (`cdp throttle`).
+    #[serde(default)]
+    pub throttle_bytes_per_second: u64,
 }
 
 impl ReplicationSettings {
@@ -92,6 +105,9 @@ impl ReplicationSettings {
             inflight_bytes_max: default_inflight_bytes_max(),
             batch_bytes_max: default_batch_bytes_max(),
             checkpoint_hook: None,
+            backlog_bytes_max: default_backlog_bytes_max(),
+            backlog_age_max_secs: default_backlog_age_max_secs(),
+            throttle_bytes_per_second: 0,
         }
     }
 
@@ -119,6 +135,14 @@ fn default_inflight_bytes_max() -> u64 {
 
 fn default_batch_bytes_max() -> u64 {
     1 << 20
+}
+
+fn default_backlog_bytes_max() -> u64 {
+    1 << 30
+}
+
+fn default_backlog_age_max_secs() -> u64 {
+    600
 }
 
 /// One protected disk.

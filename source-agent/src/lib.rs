@@ -22,6 +22,7 @@ pub mod agent;
 pub mod chain;
 pub mod cli;
 pub mod config;
+pub mod dirty;
 pub mod filter;
 pub mod journal_sink;
 pub mod metrics;
@@ -30,8 +31,10 @@ pub mod redo;
 pub mod registry;
 pub mod replay;
 pub mod replicate;
+pub mod resync;
 pub mod server;
 pub mod sink;
+pub mod tracker;
 
 /// The backing disks: the `blockdev` crate's devices, shared with the appliance's replicas.
 pub mod backing {

@@ -84,6 +84,10 @@ pub struct AgentMetrics {
     shipped_bytes: Family<JobLabel, Counter>,
     wire_bytes: Family<JobLabel, Counter>,
     job_state: Family<JobStateLabel, Gauge>,
+    link_state: Family<JobStateLabel, Gauge>,
+    resync_remaining_bytes: Family<JobLabel, Gauge>,
+    dirty_bytes: Family<JobLabel, Gauge>,
+    backlog_bytes: Family<JobLabel, Gauge>,
     sync_degraded: Family<JobLabel, Gauge>,
     connections: Gauge,
 }
@@ -121,6 +125,10 @@ impl AgentMetrics {
             shipped_bytes: Family::default(),
             wire_bytes: Family::default(),
             job_state: Family::default(),
+            link_state: Family::default(),
+            resync_remaining_bytes: Family::default(),
+            dirty_bytes: Family::default(),
+            backlog_bytes: Family::default(),
             sync_degraded: Family::default(),
             connections: Gauge::default(),
         };
@@ -233,8 +241,28 @@ impl AgentMetrics {
         );
         r.register(
             "cdp_job_state",
-            "1 for the job's current replication state, 0 for the others",
+            "1 for the job's current state (syncing, replicating, ahead, resyncing, paused, error), 0 for the others",
             m.job_state.clone(),
+        );
+        r.register(
+            "cdp_link_state",
+            "1 for the replication link's current state (connecting, streaming, disconnected, refused), 0 for the others",
+            m.link_state.clone(),
+        );
+        r.register(
+            "cdp_resync_remaining_bytes",
+            "Bytes of dirty regions the current initial sync or resync has still to compare",
+            m.resync_remaining_bytes.clone(),
+        );
+        r.register(
+            "cdp_dirty_bytes",
+            "Bytes of regions marked dirty (written while the job was ahead, or not yet synced)",
+            m.dirty_bytes.clone(),
+        );
+        r.register(
+            "cdp_backlog_bytes",
+            "Journal bytes not yet acknowledged by the appliance, as the backlog bound counts them",
+            m.backlog_bytes.clone(),
         );
         r.register(
             "cdp_sync_degraded",
@@ -328,10 +356,33 @@ impl AgentMetrics {
                 job: job.to_owned(),
                 state: state.name().to_owned(),
             };
-            self.job_state
+            self.link_state
                 .get_or_create(&label)
                 .set(i64::from(state == status.state));
         }
+        for state in journal::wire::JobState::ALL {
+            let label = JobStateLabel {
+                job: job.to_owned(),
+                state: state.name().to_owned(),
+            };
+            self.job_state
+                .get_or_create(&label)
+                .set(i64::from(state == status.job_state));
+        }
+        self.resync_remaining_bytes
+            .get_or_create(&label)
+            .set(as_i64(
+                status
+                    .resync
+                    .total_bytes
+                    .saturating_sub(status.resync.done_bytes),
+            ));
+        self.dirty_bytes
+            .get_or_create(&label)
+            .set(as_i64(status.dirty_bytes));
+        self.backlog_bytes
+            .get_or_create(&label)
+            .set(as_i64(status.backlog_bytes));
         self.sync_degraded
             .get_or_create(&label)
             .set(i64::from(replication.degraded()));

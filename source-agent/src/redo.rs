@@ -83,6 +83,13 @@ impl BackingWatermark {
         Ok(seqs)
     }
 
+    /// Runs `f` with the last seq appended, while no append can run (the tracker switches
+    /// between journalling and tracking here, so every write falls on one side).
+    pub fn exclusive<R>(&self, f: impl FnOnce(Seq) -> R) -> R {
+        let inflight = lock(&self.inflight);
+        f(inflight.last)
+    }
+
     /// The backing writes of `seqs` returned (successfully or not).
     pub fn complete(&self, seqs: &[Seq]) {
         let mut inflight = lock(&self.inflight);
@@ -157,12 +164,14 @@ pub struct Redo {
     pub head: Seq,
 }
 
-/// Applies every record `journal` holds to its backing disk in `devices`, in seq order, then
-/// syncs the disks. Records of disks not configured now are skipped (their disk is not being
-/// served). Blocking.
+/// Applies every record `journal` holds above `floor` to its backing disk in `devices`, in
+/// seq order, then syncs the disks. Records of disks not configured now are skipped (their
+/// disk is not being served). Records at or below the redo floor are on their disks already,
+/// and tracked writes made after them may have overwritten them (`crate::tracker`). Blocking.
 pub fn redo(
     journal: &SharedJournal,
     devices: &BTreeMap<DiskId, (String, Arc<dyn BlockDevice>)>,
+    floor: Seq,
 ) -> Result<Redo, String> {
     let mut done = Redo {
         head: journal.head_seq(),
@@ -181,6 +190,9 @@ pub fn redo(
         .map_err(|e| format!("reading the journal for the redo: {e}"))?
     {
         let header = record.header;
+        if header.seq <= floor {
+            continue;
+        }
         if !matches!(
             header.kind,
             RecordKind::Write | RecordKind::Trim | RecordKind::WriteZeroes

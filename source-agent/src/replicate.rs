@@ -12,6 +12,7 @@
 //! above the appliance's acknowledged seq, or let an outage of the appliance fail a write
 //! (async mode) or stall it beyond `sync_ack_timeout_ms` (sync mode).
 
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use journal::ship::{
     JobInfo, ReadDone, ReadRequest, ShipError, Shipper, ShipperConfig, ShipperState,
 };
-use journal::wire::Mode;
+use journal::wire::{AgentStatus, Frame, JobState, Mode};
 use journal::{ReadError, Seq, SharedJournal, SyncError, Timestamp};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -34,6 +35,11 @@ pub const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(100);
 pub const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(5);
 /// Wait before asking again after the appliance refused the job (an operator must act).
 pub const REFUSED_RETRY_DELAY: Duration = Duration::from_secs(30);
+/// A resync starts only after the link has been streaming this long (and the backlog is
+/// under a quarter of its bound): hysteresis, so a flapping link does not flap the job.
+pub const RESYNC_AFTER_STREAMING: Duration = Duration::from_secs(2);
+/// How often the agent sends its job status to the appliance, besides every change.
+pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The job's replication state, as reported in metrics and logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +67,7 @@ impl LinkState {
     pub fn name(self) -> &'static str {
         match self {
             LinkState::Connecting => "connecting",
-            LinkState::Replicating => "replicating",
+            LinkState::Replicating => "streaming",
             LinkState::Disconnected => "disconnected",
             LinkState::Refused => "refused",
         }
@@ -85,6 +91,16 @@ pub struct ShipStatus {
     pub shipped_bytes: u64,
     /// UDP bytes sent on replication connections since the agent started.
     pub wire_bytes: u64,
+    /// The job's state (`cdp_job_state`), and why.
+    pub job_state: JobState,
+    /// Why the job is in its state (empty when there is nothing to say).
+    pub job_reason: String,
+    /// The current (re)sync's progress.
+    pub resync: crate::resync::Progress,
+    /// Bytes of regions marked dirty.
+    pub dirty_bytes: u64,
+    /// Unacknowledged journal bytes, as the backlog bound counts them.
+    pub backlog_bytes: u64,
 }
 
 /// The replication handle shared by the driver, the filter chain and the metrics.
@@ -134,6 +150,11 @@ impl Replication {
                 lag_bytes: 0,
                 shipped_bytes: 0,
                 wire_bytes: 0,
+                job_state: JobState::Replicating,
+                job_reason: String::new(),
+                resync: crate::resync::Progress::default(),
+                dirty_bytes: 0,
+                backlog_bytes: 0,
             }),
         }
     }
@@ -229,6 +250,211 @@ pub struct ShipperSetup {
     pub checkpoint_hook: Option<std::path::PathBuf>,
     /// The backing disks' synced watermark: the journal is never trimmed above it.
     pub backing: Option<Arc<crate::redo::BackingWatermark>>,
+    /// Tracking and resync (absent only in tests of the bare shipper).
+    pub resync: Option<crate::resync::Resync>,
+    /// Unacknowledged journal bytes past which the job goes `ahead`.
+    pub backlog_bytes_max: u64,
+    /// Age of the oldest unacknowledged write past which the job goes `ahead`.
+    pub backlog_age_max: Duration,
+    /// The agent's own bandwidth limit (0: none).
+    pub throttle_bytes_per_second: u64,
+}
+
+/// Unacknowledged journal bytes, from samples of (head seq, stored bytes appended so far).
+#[derive(Debug, Default)]
+struct Backlog {
+    samples: VecDeque<(Seq, u64)>,
+}
+
+impl Backlog {
+    /// Records that the journal's head was `head` when `stored` bytes had been appended.
+    fn sample(&mut self, head: Seq, stored: u64) {
+        if self.samples.back().is_none_or(|&(h, _)| h < head) {
+            self.samples.push_back((head, stored));
+        }
+    }
+
+    /// Bytes appended after `acked` (counting from the newest sample at or below it; what
+    /// was appended before the agent started is not counted).
+    fn unacked(&mut self, acked: Seq, stored_now: u64) -> u64 {
+        while self.samples.len() > 1 && self.samples[1].0 <= acked {
+            self.samples.pop_front();
+        }
+        self.samples
+            .front()
+            .map_or(0, |&(_, stored)| stored_now.saturating_sub(stored))
+    }
+}
+
+/// A token bucket over stored record bytes.
+#[derive(Debug)]
+struct Throttle {
+    rate: u64,
+    /// Bytes that may go now; negative: owed.
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl Throttle {
+    fn new() -> Self {
+        Self {
+            rate: 0,
+            tokens: 0.0,
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    fn set_rate(&mut self, rate: u64) {
+        if rate != self.rate {
+            self.rate = rate;
+            self.tokens = 0.0;
+            self.at = tokio::time::Instant::now();
+        }
+    }
+
+    /// When `bytes` may be sent (now, or later); takes them from the bucket when now.
+    fn admit(&mut self, bytes: usize) -> Option<tokio::time::Instant> {
+        if self.rate == 0 {
+            return None;
+        }
+        let now = tokio::time::Instant::now();
+        let rate = self.rate as f64;
+        // Bursts of at most a quarter second.
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(rate / 4.0);
+        self.at = now;
+        if self.tokens >= 0.0 {
+            self.tokens -= bytes as f64;
+            None
+        } else {
+            Some(now + Duration::from_secs_f64(-self.tokens / rate))
+        }
+    }
+}
+
+/// What a job's driver keeps across connections.
+#[derive(Debug)]
+struct Job {
+    resync: Option<crate::resync::Resync>,
+    backlog: Backlog,
+    backlog_bytes_max: u64,
+    backlog_age_max: Duration,
+    agent_throttle: u64,
+    /// The appliance's settings, as last received.
+    control: journal::wire::Control,
+    throttle: Throttle,
+    /// Why the job went to tracking, while it tracks.
+    tracking_reason: Option<String>,
+    /// The status last sent to the appliance, and when.
+    sent_status: Option<(AgentStatus, tokio::time::Instant)>,
+}
+
+impl Job {
+    fn tracking(&self) -> bool {
+        self.tracking_reason.is_some()
+    }
+
+    /// Measures the backlog; past a bound, switches to tracking.
+    fn check_backlog(&mut self, journal: &SharedJournal, replication: &Replication, acked: Seq) {
+        let stored = journal.stats().stored_bytes;
+        self.backlog.sample(journal.head_seq(), stored);
+        let bytes = self.backlog.unacked(acked, stored);
+        let status = replication.status();
+        let age = status
+            .oldest_unacked
+            .filter(|_| journal.head_seq() > acked)
+            .map_or(Duration::ZERO, |(_, t)| {
+                Duration::from_micros(now_micros().saturating_sub(t.unix_micros()))
+            });
+        replication.update(|s| s.backlog_bytes = bytes);
+        if self.tracking() {
+            return;
+        }
+        let Some(resync) = self.resync.as_mut() else {
+            return;
+        };
+        let reason = if bytes > self.backlog_bytes_max {
+            format!(
+                "{bytes} unacknowledged journal bytes passed the bound of {}",
+                self.backlog_bytes_max
+            )
+        } else if age > self.backlog_age_max {
+            format!(
+                "the oldest unacknowledged write is {} s old, past the bound of {} s",
+                age.as_secs(),
+                self.backlog_age_max.as_secs()
+            )
+        } else {
+            return;
+        };
+        let last = resync.tracker().start_tracking();
+        resync.note_tracking();
+        tracing::warn!(%reason, journalled_up_to = %last, "job goes ahead: writes are no longer journalled, their regions are marked dirty and will be resynced");
+        self.tracking_reason = Some(reason);
+    }
+
+    /// The job's state and reason now.
+    fn state(&self, link: LinkState, link_reason: Option<&str>) -> (JobState, String) {
+        if link == LinkState::Refused {
+            return (JobState::Error, link_reason.unwrap_or("refused").to_owned());
+        }
+        if self.control.paused {
+            let mut reason = "paused by an operator".to_owned();
+            if self.tracking() {
+                reason.push_str("; tracking dirty regions");
+            }
+            return (JobState::Paused, reason);
+        }
+        if let Some(reason) = &self.tracking_reason {
+            return (JobState::Ahead, reason.clone());
+        }
+        match &self.resync {
+            Some(r) if r.wanted() => {
+                let state = if r.reason() == journal::resync::ResyncReason::Initial {
+                    JobState::Syncing
+                } else {
+                    JobState::Resyncing
+                };
+                let mut reason = r.reason().name().to_owned();
+                if !r.running() {
+                    reason.push_str("; waiting for the link");
+                }
+                (state, reason)
+            }
+            _ => (JobState::Replicating, String::new()),
+        }
+    }
+
+    /// Publishes the job's state in the status (metrics) and returns it for the appliance.
+    fn publish(&self, replication: &Replication) -> AgentStatus {
+        let status = replication.status();
+        let (state, reason) = self.state(status.state, status.reason.as_deref());
+        let progress = self
+            .resync
+            .as_ref()
+            .map(|r| r.progress())
+            .unwrap_or_default();
+        let dirty = self
+            .resync
+            .as_ref()
+            .map_or(0, |r| r.tracker().map().dirty_bytes());
+        if state != status.job_state {
+            tracing::info!(state = state.name(), %reason, "job state");
+        }
+        replication.update(|s| {
+            s.job_state = state;
+            s.job_reason = reason.clone();
+            s.resync = progress;
+            s.dirty_bytes = dirty;
+        });
+        AgentStatus {
+            state,
+            resync_done_bytes: progress.done_bytes,
+            resync_total_bytes: progress.total_bytes,
+            dirty_bytes: dirty,
+            reason,
+        }
+    }
 }
 
 /// Runs `hook ARG` with a deadline; whether it exited 0.
@@ -338,6 +564,21 @@ pub async fn run_shipper(
         journal.head_seq(),
         journal.durable_seq(),
     );
+    let mut job = Job {
+        resync: setup.resync,
+        backlog: Backlog::default(),
+        backlog_bytes_max: setup.backlog_bytes_max,
+        backlog_age_max: setup.backlog_age_max,
+        agent_throttle: setup.throttle_bytes_per_second,
+        control: journal::wire::Control {
+            paused: false,
+            throttle_bytes_per_second: 0,
+        },
+        throttle: Throttle::new(),
+        tracking_reason: None,
+        sent_status: None,
+    };
+    job.publish(&replication);
     let mut delay = RECONNECT_DELAY_MIN;
     let mut wire_before = 0;
     loop {
@@ -354,6 +595,7 @@ pub async fn run_shipper(
                         let mut tx = FrameSender::new(send, setup.fault);
                         let mut rx = FrameReceiver::new(recv);
                         let mut link = Link {
+                            job: &mut job,
                             shipper: &mut shipper,
                             journal: &journal,
                             replication: &replication,
@@ -374,6 +616,9 @@ pub async fn run_shipper(
             Err(e) => End::Failed(e.to_string()),
         };
         shipper.handle_disconnected();
+        if let Some(r) = job.resync.as_mut() {
+            r.abandon();
+        }
         let wait = match end {
             End::Stopped => break,
             End::Refused(reason) => {
@@ -401,6 +646,8 @@ pub async fn run_shipper(
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             refresh_oldest_unacked(&journal, &replication, shipper.acked_seq()).await;
+            job.check_backlog(&journal, &replication, shipper.acked_seq());
+            job.publish(&replication);
             let tick =
                 tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + TICK_INTERVAL));
             tokio::select! {
@@ -443,6 +690,7 @@ async fn refresh_oldest_unacked(
 
 /// One connection's streaming loop.
 struct Link<'a> {
+    job: &'a mut Job,
     shipper: &'a mut Shipper,
     journal: &'a Arc<SharedJournal>,
     replication: &'a Arc<Replication>,
@@ -489,6 +737,10 @@ impl Link<'_> {
         let mut tick = tokio::time::interval(TICK_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut streaming = false;
+        let mut streaming_since = None;
+        // A batch waiting for the throttle or for a resume, and when it may go.
+        let mut held: Option<Frame> = None;
+        let mut held_until: Option<tokio::time::Instant> = None;
         loop {
             let head = journal.head_seq();
             self.shipper
@@ -505,7 +757,28 @@ impl Link<'_> {
                     }));
                 }
             }
-            while let Some(frame) = self.shipper.poll_transmit() {
+            loop {
+                let frame = match held.take() {
+                    Some(f) => f,
+                    None => match self.shipper.poll_transmit() {
+                        Some(f) => f,
+                        None => break,
+                    },
+                };
+                if let Frame::Batch(b) = &frame {
+                    if self.job.control.paused {
+                        held = Some(frame);
+                        held_until = None;
+                        break;
+                    }
+                    if held_until.is_none_or(|t| t <= tokio::time::Instant::now()) {
+                        held_until = self.job.throttle.admit(b.records.len());
+                    }
+                    if held_until.is_some() {
+                        held = Some(frame);
+                        break;
+                    }
+                }
                 tx.send(&frame).await?;
             }
             if trim_task.as_ref().is_none_or(|t| t.is_finished()) {
@@ -528,6 +801,7 @@ impl Link<'_> {
             }
             if !streaming && *self.shipper.state() == ShipperState::Streaming {
                 streaming = true;
+                streaming_since = Some(tokio::time::Instant::now());
                 tracing::info!(acked = %self.shipper.acked_seq(), head = %head, "streaming to the appliance");
                 self.replication.update(|s| {
                     s.state = LinkState::Replicating;
@@ -554,9 +828,41 @@ impl Link<'_> {
                     tx.finish();
                     return Ok(End::Stopped);
                 }
+                _ = async {
+                    match held_until {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                }, if held.is_some() => {
+                    held_until = Some(tokio::time::Instant::now());
+                }
+                done = async {
+                    match self.job.resync.as_mut() {
+                        Some(r) => r.next_done().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    done.map_err(LinkError::Resync)?;
+                    self.replication.notify_appended();
+                }
                 frame = rx.recv() => match frame? {
                     Some(frame) => {
                         self.shipper.handle_frame(frame)?;
+                        if let Some(control) = self.shipper.poll_control() {
+                            if control != self.job.control {
+                                tracing::info!(paused = control.paused, throttle_bytes_per_second = control.throttle_bytes_per_second, "the appliance changed the job's link settings");
+                            }
+                            self.job.control = control;
+                            self.job.throttle.set_rate(min_rate(self.job.agent_throttle, control.throttle_bytes_per_second));
+                            if !control.paused && held.is_some() {
+                                held_until = Some(tokio::time::Instant::now());
+                            }
+                        }
+                        while let Some(need) = self.shipper.poll_resync_need() {
+                            if let Some(r) = self.job.resync.as_mut() {
+                                r.handle_need(need);
+                            }
+                        }
                         while let Some(request) = self.shipper.poll_checkpoint() {
                             let id = request.request_id;
                             match take_checkpoint(journal, self.replication, self.hook, request).await {
@@ -585,9 +891,66 @@ impl Link<'_> {
                     refresh_oldest_unacked(journal, self.replication, self.shipper.acked_seq()).await;
                     let oldest = self.replication.status().oldest_unacked.map(|(_, t)| t);
                     self.shipper.handle_tick(now_micros(), oldest);
+                    self.job_tick(tx, streaming_since).await?;
                 }
             }
         }
+    }
+}
+
+impl Link<'_> {
+    /// Once per tick while connected: backlog bound, leaving tracking, the resync's next
+    /// steps, and the status for the appliance.
+    async fn job_tick(
+        &mut self,
+        tx: &mut FrameSender,
+        streaming_since: Option<tokio::time::Instant>,
+    ) -> Result<(), LinkError> {
+        let journal = self.journal;
+        let acked = self.shipper.acked_seq();
+        self.job.check_backlog(journal, self.replication, acked);
+        let backlog = self.replication.status().backlog_bytes;
+        let settled = streaming_since.is_some_and(|t| t.elapsed() >= RESYNC_AFTER_STREAMING);
+        let calm = backlog < self.job.backlog_bytes_max / 4;
+        let paused = self.job.control.paused;
+        if self.job.tracking() && settled && calm && !paused && acked >= journal.head_seq() {
+            if let Some(r) = self.job.resync.as_ref() {
+                r.tracker().stop_tracking();
+                tracing::info!("the appliance caught up: journalling again; the dirty regions will be resynced");
+            }
+            self.job.tracking_reason = None;
+        }
+        if let Some(r) = self.job.resync.as_mut() {
+            if !self.job.tracking_reason.is_some() && !paused && settled && r.wanted() {
+                if !r.running() && calm {
+                    r.begin().await.map_err(LinkError::Resync)?;
+                }
+                r.poll_work(backlog < self.job.backlog_bytes_max / 2);
+                if r.settle().await.map_err(LinkError::Resync)? {
+                    self.replication.notify_appended();
+                }
+                self.replication.notify_appended();
+            }
+        }
+        let status = self.job.publish(self.replication);
+        let due = self
+            .job
+            .sent_status
+            .as_ref()
+            .is_none_or(|(last, at)| *last != status || at.elapsed() >= STATUS_INTERVAL);
+        if due && *self.shipper.state() == ShipperState::Streaming {
+            tx.send(&Frame::AgentStatus(status.clone())).await?;
+            self.job.sent_status = Some((status, tokio::time::Instant::now()));
+        }
+        Ok(())
+    }
+}
+
+/// The lower of two rates, 0 meaning no limit.
+fn min_rate(a: u64, b: u64) -> u64 {
+    match (a, b) {
+        (0, r) | (r, 0) => r,
+        (a, b) => a.min(b),
     }
 }
 
@@ -640,4 +1003,6 @@ enum LinkError {
     Journal(String),
     #[error("blocking task failed: {0}")]
     Task(String),
+    #[error("resync: {0}")]
+    Resync(String),
 }

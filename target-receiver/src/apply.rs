@@ -102,6 +102,8 @@ pub struct Pass {
     pub images: u64,
     /// The applied seq after the pass.
     pub applied: Seq,
+    /// Resync hashes records answered.
+    pub answered: u64,
 }
 
 /// A record held for the pass: its header and plaintext payload.
@@ -491,6 +493,7 @@ pub fn apply_pass(job: &Job, up_to: Seq) -> Result<Pass, ApplyError> {
     if resyncs_changed {
         job.set_resyncs(resyncs);
     }
+    pass.answered = needs.len() as u64;
     for need in needs {
         job.send_resync_need(need);
     }
@@ -535,7 +538,8 @@ pub async fn run_applier(job: std::sync::Arc<Job>, mut stop: tokio::sync::watch:
                     // A small pass still costs two synced history writes and the replicas'
                     // fdatasyncs, which compete with the landing journal's syncs (the RPO)
                     // for the disk: while records trickle in, gather them for a while.
-                    if (pass.records as usize) < APPLY_PASS_RECORDS_MAX / 4 {
+                    // A resync waits on the answers: no gathering while it runs.
+                    if (pass.records as usize) < APPLY_PASS_RECORDS_MAX / 4 && pass.answered == 0 {
                         tokio::select! {
                             _ = tokio::time::sleep(APPLY_GATHER) => {}
                             _ = stop.changed() => {}
