@@ -312,6 +312,13 @@ impl Throttle {
         }
     }
 
+    /// Takes `bytes` (may be negative: a refund) from the bucket.
+    fn debit(&mut self, bytes: f64) {
+        if self.rate != 0 {
+            self.tokens -= bytes;
+        }
+    }
+
     /// When `bytes` may be sent (now, or later); takes them from the bucket when now.
     fn admit(&mut self, bytes: usize) -> Option<tokio::time::Instant> {
         if self.rate == 0 {
@@ -740,6 +747,9 @@ impl Link<'_> {
         let mut streaming_since = None;
         // A batch waiting for the throttle or for a resume, and when it may go.
         let mut held: Option<Frame> = None;
+        // The wire bytes the throttle has accounted for, and the last batch it charged.
+        let mut wire_charged = self.connection.udp_sent_bytes();
+        let mut batch_charged = 0u64;
         let mut held_until: Option<tokio::time::Instant> = None;
         loop {
             let head = journal.head_seq();
@@ -773,6 +783,15 @@ impl Link<'_> {
                     }
                     if held_until.is_none_or(|t| t <= tokio::time::Instant::now()) {
                         held_until = self.job.throttle.admit(b.records.len());
+                        if held_until.is_none() {
+                            // The limit is on the wire: whatever went out beyond what was
+                            // charged (QUIC and TLS overhead, retransmissions) is charged now.
+                            let wire = self.connection.udp_sent_bytes();
+                            let extra = wire as f64 - wire_charged as f64 - batch_charged as f64;
+                            self.job.throttle.debit(extra);
+                            wire_charged = wire;
+                            batch_charged = b.records.len() as u64;
+                        }
                     }
                     if held_until.is_some() {
                         held = Some(frame);
@@ -921,7 +940,13 @@ impl Link<'_> {
             self.job.tracking_reason = None;
         }
         if let Some(r) = self.job.resync.as_mut() {
-            if !self.job.tracking_reason.is_some() && !paused && settled && r.wanted() {
+            // Leaving tracking waits for a settled link (above); a resync after a restart
+            // or a new job's initial sync starts as soon as the job streams.
+            if self.job.tracking_reason.is_none()
+                && !paused
+                && streaming_since.is_some()
+                && r.wanted()
+            {
                 if !r.running() && calm {
                     r.begin().await.map_err(LinkError::Resync)?;
                 }

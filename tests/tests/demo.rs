@@ -148,16 +148,22 @@ fn demo_replicates_a_qemu_io_write_and_stops_cleanly() -> Result<()> {
     // `cdp status` as the guide says.
     let status_line = line_after(&lines, "Watch it replicate:").map(|_| ());
     ensure!(status_line.is_some(), "the guide does not say how to watch");
-    let status = Tool::new(binary("cdp")?)
-        .arg("--appliance-dir")
-        .arg(demo_dir.join("appliance"))
-        .arg("status")
-        .run_ok()?;
-    ensure!(
-        status.stdout.contains("replicating"),
-        "cdp status:\n{}",
-        status.stdout
+    // The job shows `syncing` until the initial sync has compared the sample disk.
+    let mut last = String::new();
+    let shown = poll_until(
+        "cdp status showing the job replicating",
+        REPLICATE_TIMEOUT,
+        || {
+            let status = Tool::new(binary("cdp")?)
+                .arg("--appliance-dir")
+                .arg(demo_dir.join("appliance"))
+                .arg("status")
+                .run_ok()?;
+            last = status.stdout.clone();
+            Ok(status.stdout.contains("replicating").then_some(()))
+        },
     );
+    ensure!(shown.is_ok(), "cdp status:\n{last}");
 
     // Ctrl-C stops both children and cdp exits 0.
     cdp_tests::cmd::signal(demo.child.id(), libc::SIGINT)?;
