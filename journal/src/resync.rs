@@ -289,7 +289,7 @@ mod tests {
                         state ^= state << 13;
                         state ^= state >> 7;
                         state ^= state << 17;
-                        if state % 3 == 0 {
+                        if state.is_multiple_of(3) {
                             (state >> 8) as u8
                         } else {
                             (state % 4) as u8

@@ -269,6 +269,33 @@ impl Control for ApplianceControl {
         tracing::info!(view = id, "view deleted");
         Ok(())
     }
+
+    fn set_link(&self, job: &str, change: web::api::LinkChange) -> Result<JobStatus, ApiError> {
+        // One change at a time, so that two at once (a pause and a throttle) cannot each
+        // keep the other's field as it was before and lose it. Held only around a small
+        // file write; it guards no data, so a poisoned lock is as good as a clean one.
+        static CHANGING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let job = control::find_job(&self.jobs, job).map_err(api_error)?;
+        let _changing = CHANGING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = *job.control.borrow();
+        let wanted = journal::wire::Control {
+            paused: change.paused.unwrap_or(current.paused),
+            throttle_bytes_per_second: change
+                .throttle_bytes_per_second
+                .unwrap_or(current.throttle_bytes_per_second),
+        };
+        job.set_control(wanted)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        tracing::info!(
+            job = %job.id(),
+            paused = wanted.paused,
+            throttle_bytes_per_second = wanted.throttle_bytes_per_second,
+            "link settings changed"
+        );
+        Ok(job_status(&job))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

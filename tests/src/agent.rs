@@ -1,7 +1,8 @@
 //! The `cdp-agent` process under test: started with a temporary data directory and sparse
 //! backing files, awaited until it prints `ready`, stopped with SIGTERM, and replayed so a
 //! scenario can check that the journal rebuilds exactly the backing file. It can be paired
-//! with an [`Appliance`] and ship its journal there (`--target`, `--mode`).
+//! with an [`Appliance`] and ship its journal there (`--target`, `--mode`), and run inside a
+//! network namespace of a [`crate::netns::NetPair`] (`.netns(name)`).
 //!
 //! Must never: leave the agent running after the test (Drop kills it by pid), wait for it
 //! without a deadline, or signal any process other than the one it started.
@@ -12,7 +13,7 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -25,6 +26,7 @@ use crate::appliance::Appliance;
 use crate::cmd::{signal, wait_deadline, Tool};
 use crate::image::{blake3_file, compare_files, create_sparse};
 use crate::metrics::{scrape, Metrics};
+use crate::netns::{command_in, tool_in, within};
 
 /// Longest wait for `ready` after spawning the agent.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -115,6 +117,10 @@ pub struct AgentBuilder {
     job_name: Option<String>,
     /// Extra environment of every start.
     env: Vec<(String, String)>,
+    /// The network namespace the agent (and its pairing) runs in.
+    netns: Option<String>,
+    /// Extra `cdp-agent run` arguments.
+    extra_args: Vec<String>,
 }
 
 impl Default for AgentBuilder {
@@ -131,6 +137,8 @@ impl Default for AgentBuilder {
             mode: None,
             job_name: None,
             env: Vec::new(),
+            netns: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -223,9 +231,23 @@ impl AgentBuilder {
         self
     }
 
+    /// Passes `arg` to `cdp-agent run` (after the builder's own arguments).
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.extra_args.push(arg.to_owned());
+        self
+    }
+
     /// Sets `key=value` in the agent's environment at every start.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Runs the agent, and `cdp-agent pair`, inside the network namespace `name` (`ip netns
+    /// exec`); its metrics are scraped from inside it. Its Unix sockets and files stay where
+    /// every client can reach them.
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
         self
     }
 
@@ -277,6 +299,8 @@ pub struct Agent {
     args: Vec<OsString>,
     /// Extra environment, the same for every (re)start.
     env: Vec<(String, String)>,
+    /// The network namespace the agent runs in, the same for every (re)start.
+    netns: Option<String>,
     expected: Expected,
     /// How many times the process was spawned.
     starts: u32,
@@ -374,6 +398,7 @@ impl Agent {
         if let Some(name) = &b.job_name {
             args.extend(["--job-name".into(), name.into()]);
         }
+        args.extend(b.extra_args.iter().map(OsString::from));
         if let Some(appliance_dir) = &b.pair_with {
             pair(
                 &program,
@@ -381,6 +406,7 @@ impl Agent {
                 dir.path(),
                 &data_dir,
                 &b.agent_name,
+                b.netns.as_deref(),
             )?;
         }
         if let Some(identity) = &b.identity_from {
@@ -392,6 +418,7 @@ impl Agent {
             program,
             args,
             env: b.env,
+            netns: b.netns,
             expected: Expected {
                 nbd_unix: sockets,
                 nbd_tcp: b.tcp_listeners.len(),
@@ -419,7 +446,7 @@ impl Agent {
 
     fn spawn(&mut self) -> Result<()> {
         self.starts += 1;
-        let mut cmd = Command::new(&self.program);
+        let mut cmd = command_in(self.netns.as_deref(), &self.program);
         cmd.args(&self.args);
         for (key, value) in &self.env {
             cmd.env(key, value);
@@ -625,7 +652,7 @@ impl Agent {
             .listeners
             .metrics
             .context("agent started without a metrics listener")?;
-        scrape(addr)
+        within(self.netns.as_deref(), || scrape(addr))
     }
 
     /// The job id (32 hex digits), from the `job` label of `cdp_journal_head_seq`.
@@ -804,13 +831,16 @@ impl Drop for Agent {
 }
 
 /// Pairs the agent data directory `data_dir` with the appliance in `appliance_dir`: a bundle
-/// from `cdp-receiver pair` written to `work_dir/bundle`, then `cdp-agent pair`.
+/// from `cdp-receiver pair` written to `work_dir/bundle`, then `cdp-agent pair` (inside the
+/// network namespace `netns`, since it dials the appliance; making the bundle only reads the
+/// appliance's data directory).
 fn pair(
     agent_program: &Path,
     appliance_dir: &Path,
     work_dir: &Path,
     data_dir: &Path,
     name: &str,
+    netns: Option<&str>,
 ) -> Result<()> {
     let bundle = Tool::new(binary("cdp-receiver")?)
         .arg("pair")
@@ -823,7 +853,7 @@ fn pair(
     let bundle_path = work_dir.join("bundle");
     std::fs::write(&bundle_path, &bundle.stdout)
         .with_context(|| format!("writing {}", bundle_path.display()))?;
-    Tool::new(agent_program)
+    tool_in(netns, agent_program)
         .arg("pair")
         .arg("--data-dir")
         .arg(data_dir)

@@ -1,8 +1,10 @@
 //! The `cdp-receiver` appliance under test: initialised in a temporary data directory,
 //! started on loopback and awaited until it prints `ready`, stopped with SIGTERM or killed
 //! with SIGKILL, and restarted on the same data directory and the same QUIC port so its
-//! agents reconnect. Reads what it reports (metrics, the REST API, `cdp status`) and what it
-//! keeps on disk (replicas, the landing journal, the applied seq).
+//! agents reconnect; or inside a network namespace of a [`crate::netns::NetPair`], its QUIC
+//! listener on the namespace's veth address ([`ApplianceBuilder`]). Reads what it reports
+//! (metrics, the REST API, `cdp status`) and what it keeps on disk (replicas, the landing
+//! journal, the applied seq).
 //!
 //! Must never: leave the appliance running after the test (Drop kills it by pid), wait for it
 //! without a deadline, signal any process other than the one it started, or open the landing
@@ -10,10 +12,10 @@
 
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -26,6 +28,7 @@ use tempfile::TempDir;
 use crate::agent::{binary, file_tail, temp_dir, Agent, READY_TIMEOUT, STOP_TIMEOUT};
 use crate::cmd::{poll_until, signal, wait_deadline, Tool};
 use crate::metrics::{scrape, Metrics};
+use crate::netns::{command_in, tool_in, within};
 
 /// Connect, read and write timeout of one REST API request.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,6 +50,53 @@ pub struct ApplianceListeners {
     pub views: Option<SocketAddr>,
 }
 
+/// What to start: extra arguments of `cdp-receiver run`, where its QUIC listener binds, and
+/// the network namespace it runs in. Defaults to loopback in the test's own namespace.
+#[derive(Debug, Clone)]
+pub struct ApplianceBuilder {
+    extra_args: Vec<String>,
+    quic_ip: IpAddr,
+    netns: Option<String>,
+}
+
+impl Default for ApplianceBuilder {
+    fn default() -> Self {
+        Self {
+            extra_args: Vec::new(),
+            quic_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            netns: None,
+        }
+    }
+}
+
+impl ApplianceBuilder {
+    /// Appends extra arguments of `cdp-receiver run` (for example `--history-window 30s`).
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.extra_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Binds the QUIC listener (where agents connect) on `ip`, port picked by the kernel
+    /// (default 127.0.0.1). The API, metrics and views listeners stay on loopback.
+    pub fn quic_ip(mut self, ip: impl Into<IpAddr>) -> Self {
+        self.quic_ip = ip.into();
+        self
+    }
+
+    /// Runs the appliance, and the `cdp` CLI calls, inside the network namespace `name`
+    /// (`ip netns exec`); its metrics and REST API are reached from inside it.
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
+        self
+    }
+
+    /// Initialises a data directory (`cdp-receiver init`), spawns `cdp-receiver run` and
+    /// waits for `ready`.
+    pub fn start(self) -> Result<Appliance> {
+        Appliance::start_from(self)
+    }
+}
+
 /// A running (or stopped) `cdp-receiver run` with its temporary data directory.
 #[derive(Debug)]
 pub struct Appliance {
@@ -55,6 +105,10 @@ pub struct Appliance {
     program: PathBuf,
     /// Extra arguments of `cdp-receiver run`, the same for every (re)start.
     extra_args: Vec<String>,
+    /// Where the first start binds the QUIC listener.
+    quic_ip: IpAddr,
+    /// The network namespace the appliance runs in, the same for every (re)start.
+    netns: Option<String>,
     /// How many times the process was spawned.
     starts: u32,
     data_dir: PathBuf,
@@ -79,6 +133,15 @@ impl Appliance {
     /// [`Appliance::start`] with extra arguments for `cdp-receiver run` (for example
     /// `--history-window 30s`).
     pub fn start_with(extra_args: &[&str]) -> Result<Appliance> {
+        Self::builder().args(extra_args).start()
+    }
+
+    /// A builder: loopback, no extra argument, the test's own network namespace.
+    pub fn builder() -> ApplianceBuilder {
+        ApplianceBuilder::default()
+    }
+
+    fn start_from(b: ApplianceBuilder) -> Result<Appliance> {
         let program = binary("cdp-receiver")?;
         let dir = temp_dir("cdp-appliance-")?;
         let data_dir = dir.path().join("data");
@@ -91,7 +154,9 @@ impl Appliance {
         let mut appliance = Appliance {
             child: None,
             program,
-            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            extra_args: b.extra_args,
+            quic_ip: b.quic_ip,
+            netns: b.netns,
             starts: 0,
             log: dir.path().join("appliance.log"),
             data_dir,
@@ -120,8 +185,9 @@ impl Appliance {
         let quic = self
             .listeners
             .quic
-            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
-        let mut cmd = Command::new(&self.program);
+            .unwrap_or_else(|| SocketAddr::new(self.quic_ip, 0))
+            .to_string();
+        let mut cmd = command_in(self.netns.as_deref(), &self.program);
         cmd.arg("run")
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -286,7 +352,7 @@ impl Appliance {
             .listeners
             .metrics
             .context("appliance has no metrics listener")?;
-        scrape(addr)
+        within(self.netns.as_deref(), || scrape(addr))
     }
 
     /// The bearer token of the REST API (`DIR/api-token`).
@@ -304,7 +370,10 @@ impl Appliance {
             .listeners
             .api
             .context("appliance has no API listener")?;
-        let body = http_get(addr, "/api/v1/jobs", Some(&self.api_token()?))?;
+        let token = self.api_token()?;
+        let body = within(self.netns.as_deref(), || {
+            http_get(addr, "/api/v1/jobs", Some(&token))
+        })?;
         let value: serde_json::Value = serde_json::from_str(&body)
             .with_context(|| format!("GET /api/v1/jobs: not JSON: {body:?}"))?;
         let jobs = value
@@ -316,7 +385,7 @@ impl Appliance {
 
     /// `cdp --appliance-dir DIR ARGS...`, which must succeed.
     pub fn cdp(&self, args: &[&str]) -> Result<crate::Output> {
-        Tool::new(binary("cdp")?)
+        tool_in(self.netns.as_deref(), binary("cdp")?)
             .arg("--appliance-dir")
             .arg(&self.data_dir)
             .args(args)
@@ -335,7 +404,7 @@ impl Appliance {
 
     /// `cdp --appliance-dir DIR status --json`, parsed: the `jobs` array.
     pub fn cdp_status_jobs(&self) -> Result<Vec<serde_json::Value>> {
-        let out = Tool::new(binary("cdp")?)
+        let out = tool_in(self.netns.as_deref(), binary("cdp")?)
             .arg("--appliance-dir")
             .arg(&self.data_dir)
             .args(["status", "--json"])
@@ -597,6 +666,8 @@ pub struct Progress {
     pub landed: u64,
     /// The appliance's `cdp_applied_seq`.
     pub applied: u64,
+    /// The agent reports the job `replicating` (no sync or resync pending, not ahead).
+    pub replicating: bool,
 }
 
 /// One look at both sides' metrics for `job`.
@@ -610,6 +681,9 @@ pub fn progress(agent: &Agent, appliance: &Appliance, job: &str) -> Result<Progr
         agent_acked: seq(&a, "cdp_acked_seq")?,
         landed: seq(&b, "cdp_landing_durable_seq")?,
         applied: seq(&b, "cdp_applied_seq")?,
+        replicating: a
+            .value("cdp_job_state", &[("job", job), ("state", "replicating")])
+            .is_ok_and(|v| v == 1.0),
     })
 }
 
@@ -630,7 +704,7 @@ pub fn wait_drained(
             let p = progress(agent, appliance, job)?;
             last = Some(p);
             Ok(
-                (p.applied == p.agent_head && p.agent_acked == p.agent_head)
+                (p.replicating && p.applied == p.agent_head && p.agent_acked == p.agent_head)
                     .then_some(p.agent_head),
             )
         },

@@ -1,6 +1,6 @@
 //! The REST API (`/api/v1/...`): its JSON types (DTOs), the [`Control`] trait the appliance
-//! implements to fill them and act on requests (checkpoints, recovery views), bearer-token
-//! authentication, and the router.
+//! implements to fill them and act on requests (checkpoints, recovery views, pausing and
+//! throttling a job), bearer-token authentication, and the router.
 //!
 //! The DTOs are this crate's own: the core crates' types are not `Serialize`, and the
 //! appliance copies what it wants to show into them, and parses what it is asked. Must never
@@ -20,7 +20,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -40,8 +40,9 @@ pub struct JobStatus {
     pub name: String,
     /// The paired agent's name (its pinned peer name).
     pub agent: String,
-    /// `replicating`, `connecting`, `disconnected`, `refused`, `error`, … An open set: a
-    /// client shows values it does not know as they are.
+    /// `syncing`, `replicating`, `ahead`, `resyncing`, `paused`, `error`, `disconnected`,
+    /// `refused`, `waiting`, … An open set: a client shows values it does not know as they
+    /// are.
     pub state: String,
     /// Why the job is in this state, for states that have a reason (`refused`, `error`).
     pub state_reason: Option<String>,
@@ -165,6 +166,28 @@ pub struct CreateCheckpoint {
     pub app_consistent: bool,
 }
 
+/// Body of `POST /api/v1/jobs/{job}/link`: pause, resume or throttle a job's replication.
+/// A field left out (or `null`) keeps its setting; at least one must be given. Unknown
+/// fields are refused (400), so that a misspelt setting is not silently ignored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkChange {
+    /// `true` pauses the job (the agent ships nothing, journals, and past its backlog
+    /// bound tracks dirty regions); `false` resumes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+    /// The job's bandwidth limit in stored bytes per second; 0 removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle_bytes_per_second: Option<u64>,
+}
+
+impl LinkChange {
+    /// Whether it changes nothing (neither field given).
+    pub fn is_empty(&self) -> bool {
+        self.paused.is_none() && self.throttle_bytes_per_second.is_none()
+    }
+}
+
 /// One disk of a recovery view, served over NBD by the appliance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViewExport {
@@ -255,8 +278,8 @@ pub const CHECKPOINT_WAIT_MAX: Duration = Duration::from_secs(45);
 /// [`ApiError::NotFound`] when nothing matches.
 ///
 /// Every method after `jobs` has a default implementation that answers 404 ("this
-/// appliance does not support …"), so an implementation writes only what it supports. Later
-/// methods (pause, resume) will be added the same way.
+/// appliance does not support …"), so an implementation writes only what it supports; later
+/// methods are added the same way.
 pub trait Control: Send + Sync + 'static {
     /// Every job, in a stable order.
     fn jobs(&self) -> Vec<JobStatus>;
@@ -299,6 +322,14 @@ pub trait Control: Send + Sync + 'static {
     fn delete_view(&self, id: u64) -> Result<(), ApiError> {
         let _ = id;
         Err(unsupported("recovery views"))
+    }
+
+    /// Changes `job`'s link settings (paused, throttle), durably, and answers the job's
+    /// status after the change. The router only passes a `change` with at least one field.
+    /// Typical errors: `NotFound` (job), `Internal` (the settings could not be saved).
+    fn set_link(&self, job: &str, change: LinkChange) -> Result<JobStatus, ApiError> {
+        let _ = (job, change);
+        Err(unsupported("pausing or throttling jobs"))
     }
 }
 
@@ -357,6 +388,8 @@ impl IntoResponse for ApiError {
 /// - `GET /api/v1/jobs/{id}` → `200 JobStatus`, or `404 {"error": ...}`
 /// - `GET /api/v1/jobs/{job}/checkpoints` → `200 {"checkpoints": [CheckpointStatus, ...]}`
 /// - `POST /api/v1/jobs/{job}/checkpoints` with `CreateCheckpoint` → `201 CheckpointStatus`
+/// - `POST /api/v1/jobs/{job}/link` with `LinkChange` → `200 JobStatus` (the job after the
+///   change); `400` when the change names neither setting
 /// - `GET /api/v1/views` → `200 {"views": [ViewStatus, ...]}`
 /// - `POST /api/v1/views` with `CreateView` → `201 ViewStatus`
 /// - `DELETE /api/v1/views/{id}` → `204`
@@ -374,6 +407,7 @@ pub fn router(token: ApiToken, control: Arc<dyn Control>) -> Router {
             "/jobs/{job}/checkpoints",
             get(list_checkpoints).post(create_checkpoint),
         )
+        .route("/jobs/{job}/link", post(change_link))
         .route("/views", get(list_views).post(create_view))
         .route("/views/{id}", delete(delete_view))
         .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
@@ -445,6 +479,21 @@ async fn create_checkpoint(
         ))
     })??;
     Ok((StatusCode::CREATED, Json(created)))
+}
+
+async fn change_link(
+    State(control): State<Arc<dyn Control>>,
+    Segment(job): Segment,
+    JsonBody(change): JsonBody<LinkChange>,
+) -> Result<Json<JobStatus>, ApiError> {
+    if change.is_empty() {
+        return Err(ApiError::BadRequest(
+            "a link change needs `paused` or `throttle_bytes_per_second`".to_owned(),
+        ));
+    }
+    // The appliance writes the settings to a file before answering.
+    let status = blocking(control, move |control| control.set_link(&job, change)).await?;
+    Ok(Json(status))
 }
 
 async fn list_views(State(control): State<Arc<dyn Control>>) -> Json<ViewList> {
@@ -666,7 +715,8 @@ pub(crate) mod tests {
     /// found by exact name or id (the real appliance also takes id prefixes).
     ///
     /// `demo` is connected and has two checkpoints; `db` is not connected (checkpoints are
-    /// refused) and has none. A checkpoint tagged `hang` never completes.
+    /// refused) and has none. A checkpoint tagged `hang` never completes. Link changes
+    /// (pause, throttle) show in the jobs listed afterwards.
     #[derive(Debug)]
     pub(crate) struct FakeControl {
         jobs: Vec<JobStatus>,
@@ -681,6 +731,8 @@ pub(crate) mod tests {
         next_view_id: u64,
         /// Checkpoints made through the API so far: spaces their seqs and times.
         created: u64,
+        /// Per job id, the link settings changed through the API: (paused, throttle).
+        links: std::collections::HashMap<String, (bool, u64)>,
     }
 
     /// 2025-06-01T12:00:00Z in microseconds since the Unix epoch.
@@ -746,6 +798,7 @@ pub(crate) mod tests {
                     views: Vec::new(),
                     next_view_id: 1,
                     created: 0,
+                    links: std::collections::HashMap::new(),
                 }),
             }
         }
@@ -792,11 +845,26 @@ pub(crate) mod tests {
                 .map(|c| (c.seq, Some(c.time.clone())))
                 .ok_or_else(|| ApiError::NotFound(format!("no checkpoint matches {at:?}")))
         }
+
+        /// `job` with the link settings changed through the API.
+        fn with_link(&self, job: &JobStatus) -> JobStatus {
+            let state = self.state.lock().unwrap();
+            let (paused, throttle_bytes_per_second) = state
+                .links
+                .get(&job.id)
+                .copied()
+                .unwrap_or((job.paused, job.throttle_bytes_per_second));
+            JobStatus {
+                paused,
+                throttle_bytes_per_second,
+                ..job.clone()
+            }
+        }
     }
 
     impl Control for FakeControl {
         fn jobs(&self) -> Vec<JobStatus> {
-            self.jobs.clone()
+            self.jobs.iter().map(|job| self.with_link(job)).collect()
         }
 
         fn checkpoints(&self, job: &str) -> Result<Vec<CheckpointStatus>, ApiError> {
@@ -883,6 +951,23 @@ pub(crate) mod tests {
                 return Err(ApiError::NotFound("no such view".to_owned()));
             }
             Ok(())
+        }
+
+        fn set_link(&self, job: &str, change: LinkChange) -> Result<JobStatus, ApiError> {
+            let job = self.job(job)?;
+            let current = self.with_link(job);
+            let link = (
+                change.paused.unwrap_or(current.paused),
+                change
+                    .throttle_bytes_per_second
+                    .unwrap_or(current.throttle_bytes_per_second),
+            );
+            self.state
+                .lock()
+                .unwrap()
+                .links
+                .insert(job.id.clone(), link);
+            Ok(self.with_link(job))
         }
     }
 
@@ -1116,6 +1201,11 @@ pub(crate) mod tests {
                 "x".repeat(REQUEST_BODY_BYTES_MAX * 2),
             ),
             (Method::DELETE, "/api/v1/views/1", String::new()),
+            (
+                Method::POST,
+                "/api/v1/jobs/demo/link",
+                r#"{"paused":true}"#.to_owned(),
+            ),
         ] {
             let request = Request::builder()
                 .method(method)
@@ -1127,6 +1217,7 @@ pub(crate) mod tests {
         }
         assert_eq!(control.views(), []);
         assert_eq!(control.checkpoints("demo").unwrap(), demo_checkpoints());
+        assert_eq!(control.jobs(), two_jobs());
     }
 
     #[tokio::test]
@@ -1357,6 +1448,103 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn a_job_is_paused_throttled_and_resumed() {
+        let app = app();
+        let link = "/api/v1/jobs/demo/link";
+        let demo = |paused: bool, throttle_bytes_per_second: u64| {
+            let job = JobStatus {
+                paused,
+                throttle_bytes_per_second,
+                ..two_jobs()[0].clone()
+            };
+            serde_json::to_value(job).unwrap()
+        };
+        for (body, expected) in [
+            (json!({ "paused": true }), demo(true, 0)),
+            // A setting left out, or null, is kept.
+            (
+                json!({ "throttle_bytes_per_second": 10u64 << 20 }),
+                demo(true, 10 << 20),
+            ),
+            (
+                json!({ "paused": false, "throttle_bytes_per_second": null }),
+                demo(false, 10 << 20),
+            ),
+            (
+                json!({ "paused": false, "throttle_bytes_per_second": 0 }),
+                demo(false, 0),
+            ),
+            (json!({ "paused": true }), demo(true, 0)),
+        ] {
+            let request = send(Method::POST, link, body);
+            check_on(&app, request, StatusCode::OK, expected).await;
+        }
+        // By id too, and the change shows in the job's status afterwards; the other job is
+        // untouched.
+        let by_id = format!("/api/v1/jobs/{ID_DEMO}/link");
+        let body = json!({ "throttle_bytes_per_second": 1_000_000 });
+        let request = send(Method::POST, &by_id, body);
+        check_on(&app, request, StatusCode::OK, demo(true, 1_000_000)).await;
+        let shown = authorized(&format!("/api/v1/jobs/{ID_DEMO}"));
+        check_on(&app, shown, StatusCode::OK, demo(true, 1_000_000)).await;
+        let db = serde_json::to_value(&two_jobs()[1]).unwrap();
+        check_on(
+            &app,
+            authorized(&format!("/api/v1/jobs/{ID_DB}")),
+            StatusCode::OK,
+            db,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn link_changes_that_name_nothing_are_refused() {
+        let link = "/api/v1/jobs/demo/link";
+        let json = Some("application/json");
+        let nothing = error("a link change needs `paused` or `throttle_bytes_per_second`");
+        let invalid = |message: &str| error(&format!("invalid request body: {message}"));
+        for (path, body, status, expected) in [
+            (link, "{}", StatusCode::BAD_REQUEST, nothing.clone()),
+            (
+                link,
+                r#"{"paused":null,"throttle_bytes_per_second":null}"#,
+                StatusCode::BAD_REQUEST,
+                nothing,
+            ),
+            (
+                link,
+                "",
+                StatusCode::BAD_REQUEST,
+                invalid("EOF while parsing a value at line 1 column 0"),
+            ),
+            (
+                link,
+                r#"{"pause":true}"#,
+                StatusCode::BAD_REQUEST,
+                invalid(
+                    "unknown field `pause`, expected `paused` or `throttle_bytes_per_second` at \
+                     line 1 column 8",
+                ),
+            ),
+            (
+                link,
+                r#"{"throttle_bytes_per_second":-1}"#,
+                StatusCode::BAD_REQUEST,
+                invalid("invalid value: integer `-1`, expected u64 at line 1 column 31"),
+            ),
+            (
+                "/api/v1/jobs/nope/link",
+                r#"{"paused":true}"#,
+                StatusCode::NOT_FOUND,
+                error("no such job"),
+            ),
+        ] {
+            let request = with_body(Method::POST, path, json, body);
+            check(request, status, expected).await;
+        }
+    }
+
+    #[tokio::test]
     async fn view_refusals_carry_the_appliances_words() {
         let create = |job: &str, at: &str| {
             send(
@@ -1520,6 +1708,9 @@ pub(crate) mod tests {
             (Method::DELETE, "/api/v1/views"),
             (Method::GET, "/api/v1/views/1"),
             (Method::POST, "/api/v1/views/1"),
+            (Method::GET, "/api/v1/jobs/demo/link"),
+            (Method::PUT, "/api/v1/jobs/demo/link"),
+            (Method::DELETE, "/api/v1/jobs/demo/link"),
         ] {
             let expected = error("method not allowed");
             check(bare(method, path), StatusCode::METHOD_NOT_ALLOWED, expected).await;
@@ -1528,6 +1719,7 @@ pub(crate) mod tests {
         for path in [
             "/api/v1/views/1/x",
             "/api/v1/jobs/demo/checkpoints/1",
+            "/api/v1/jobs/demo/link/x",
             "/api/v1/jobs/%FF/checkpoints",
             "/api/v1/jobs/%FF",
         ] {
@@ -1546,7 +1738,7 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn an_appliance_without_checkpoints_or_views_says_so() {
+    async fn an_appliance_without_checkpoints_views_or_links_says_so() {
         let app = app_with(Arc::new(JobsOnly));
         let checkpoints = "/api/v1/jobs/demo/checkpoints";
         let no_checkpoints = error("this appliance does not support checkpoints");
@@ -1581,6 +1773,15 @@ pub(crate) mod tests {
                 StatusCode::NOT_FOUND,
                 no_views,
             ),
+            (
+                send(
+                    Method::POST,
+                    "/api/v1/jobs/demo/link",
+                    json!({ "paused": true }),
+                ),
+                StatusCode::NOT_FOUND,
+                error("this appliance does not support pausing or throttling jobs"),
+            ),
         ] {
             check_on(&app, request, status, expected).await;
         }
@@ -1614,6 +1815,13 @@ pub(crate) mod tests {
         fn create_view(&self, _request: CreateView) -> Result<ViewStatus, ApiError> {
             panic!("the view table at /var/lib/cdp/views is poisoned");
         }
+
+        fn set_link(&self, _job: &str, _change: LinkChange) -> Result<JobStatus, ApiError> {
+            Err(ApiError::Internal(
+                "/var/lib/cdp/jobs/x/control.toml: No space left on device (os error 28)"
+                    .to_owned(),
+            ))
+        }
     }
 
     #[tokio::test]
@@ -1642,6 +1850,13 @@ pub(crate) mod tests {
         );
         let waited = error("the agent did not answer within 30 s");
         check_on(&app, checkpoint, StatusCode::SERVICE_UNAVAILABLE, waited).await;
+        let link = send(
+            Method::POST,
+            "/api/v1/jobs/demo/link",
+            json!({ "paused": true }),
+        );
+        let internal = error("internal error");
+        check_on(&app, link, StatusCode::INTERNAL_SERVER_ERROR, internal).await;
     }
 
     #[test]
@@ -1665,6 +1880,7 @@ pub(crate) mod tests {
                 "checkpoints",
                 "connected",
                 "consistent",
+                "dirty_bytes",
                 "disks",
                 "generation",
                 "history_oldest_seq",
@@ -1676,9 +1892,13 @@ pub(crate) mod tests {
                 "last_heartbeat_age_seconds",
                 "mode",
                 "name",
+                "paused",
+                "resync_done_bytes",
+                "resync_total_bytes",
                 "rpo_seconds",
                 "state",
                 "state_reason",
+                "throttle_bytes_per_second",
             ]
         );
         assert_eq!(value["state_reason"], "agent is not paired");
@@ -1695,13 +1915,19 @@ pub(crate) mod tests {
         let back: JobStatus = serde_json::from_value(value.clone()).unwrap();
         assert_eq!(&back, job);
 
-        // JSON from an appliance that predates checkpoints still reads.
+        // JSON from an appliance that predates checkpoints, resyncs and link settings
+        // still reads.
         let mut older = value;
         for key in [
             "history_oldest_seq",
             "history_oldest_time",
             "checkpoints",
             "consistent",
+            "resync_done_bytes",
+            "resync_total_bytes",
+            "dirty_bytes",
+            "paused",
+            "throttle_bytes_per_second",
         ] {
             older.as_object_mut().unwrap().remove(key);
         }
@@ -1715,6 +1941,47 @@ pub(crate) mod tests {
             ),
             (None, None, 0, false)
         );
+        assert_eq!(
+            (
+                back.resync_done_bytes,
+                back.resync_total_bytes,
+                back.dirty_bytes,
+                back.paused,
+                back.throttle_bytes_per_second
+            ),
+            (0, 0, 0, false, 0)
+        );
+    }
+
+    #[test]
+    fn link_change_json_carries_only_what_changes() {
+        let check = |change: LinkChange, expected: Value| {
+            let value = serde_json::to_value(change).unwrap();
+            assert_eq!(value, expected, "{change:?}");
+            let back: LinkChange = serde_json::from_value(value).unwrap();
+            assert_eq!(back, change);
+        };
+        check(
+            LinkChange {
+                paused: Some(true),
+                throttle_bytes_per_second: None,
+            },
+            json!({ "paused": true }),
+        );
+        check(
+            LinkChange {
+                paused: None,
+                throttle_bytes_per_second: Some(0),
+            },
+            json!({ "throttle_bytes_per_second": 0 }),
+        );
+        check(LinkChange::default(), json!({}));
+        assert!(LinkChange::default().is_empty());
+        assert!(!LinkChange {
+            throttle_bytes_per_second: Some(0),
+            ..LinkChange::default()
+        }
+        .is_empty());
     }
 
     #[test]

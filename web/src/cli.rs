@@ -1,6 +1,6 @@
 //! The `cdp` command line: its arguments (clap), where to find the appliance and its token,
-//! and the commands that talk to the API: `cdp status`, `cdp checkpoint`, `cdp checkpoints`
-//! and `cdp view create|list|delete`. `cdp demo` lives in [`crate::demo`]; `src/bin/cdp.rs`
+//! and the commands that talk to the API: `cdp status`, `cdp checkpoint`, `cdp checkpoints`,
+//! `cdp view create|list|delete` and `cdp pause|resume|throttle`. `cdp demo` lives in [`crate::demo`]; `src/bin/cdp.rs`
 //! only wires these together.
 //!
 //! Must never take a token on the command line (other users see it in `ps`), and never read
@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::api::{
-    CheckpointList, CheckpointStatus, CreateCheckpoint, CreateView, JobList, JobStatus, ViewList,
-    ViewStatus,
+    CheckpointList, CheckpointStatus, CreateCheckpoint, CreateView, JobList, JobStatus, LinkChange,
+    ViewList, ViewStatus,
 };
-use crate::client::{checkpoints_path, ApiClient, ClientError};
+use crate::client::{checkpoints_path, link_path, ApiClient, ClientError};
 use crate::format;
 use crate::token::{ApiToken, ParseTokenError, TokenFileError, TOKEN_FILE_NAME};
 
@@ -44,8 +44,8 @@ pub const ENV_APPLIANCE_DIR: &str = "CDP_APPLIANCE_DIR";
 #[command(
     name = "cdp",
     version,
-    about = "The command-line client of a cdp appliance: job status, checkpoints, recovery \
-             views, and a demo on loopback",
+    about = "The command-line client of a cdp appliance: job status, pausing and throttling \
+             jobs, checkpoints, recovery views, and a demo on loopback",
     after_help = "Exit codes: 0 ok, 1 refused (bad token, no such job, a point that has \
                   expired), 2 error."
 )]
@@ -79,7 +79,27 @@ pub struct ApiArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Show the replication jobs (all of them as a table, or one in detail).
+    #[command(after_help = JOB_STATES_HELP)]
     Status(StatusArgs),
+    /// Pause a job's replication.
+    ///
+    /// The agent ships nothing and journals its writes; past its backlog bound it only marks
+    /// dirty regions, to be resynced after `cdp resume`. The setting is kept across restarts
+    /// of the appliance and reconnects of the agent.
+    Pause(LinkArgs),
+    /// Resume a paused job.
+    ///
+    /// The agent ships what it journalled while paused and, if it went past its backlog
+    /// bound, resyncs the regions it marked dirty (the replicas are inconsistent until that
+    /// resync ends).
+    Resume(LinkArgs),
+    /// Limit the bandwidth a job's replication may use, or lift the limit.
+    ///
+    /// The limit is on the stored bytes the agent ships per second, and is kept across
+    /// restarts; the agent's own limit (`cdp-agent run --throttle`), if lower, still applies.
+    /// A job that writes faster than its limit falls behind: its backlog grows, and past its
+    /// bound it goes `ahead`.
+    Throttle(ThrottleArgs),
     /// Ask a job's agent for a tagged checkpoint; waits until it is in the history.
     Checkpoint(CheckpointArgs),
     /// List the checkpoints a job's history keeps, oldest first.
@@ -101,6 +121,83 @@ pub struct StatusArgs {
     pub json: bool,
     /// One job, by name or by id (or a unique prefix of its id).
     pub job: Option<String>,
+}
+
+/// What `cdp status --help` says about the states a job can be in.
+pub const JOB_STATES_HELP: &str = "\
+Job states:
+  syncing       a new job copies its disks (only blocks whose blake3 hashes differ are sent)
+  replicating   every write is journalled and shipped
+  ahead         past the job's backlog bound or in a long outage: the agent keeps serving
+                I/O and only marks dirty regions (crash-safely), to resync later
+  resyncing     dirty regions are compared by block hash and differing blocks sent; the
+                replicas are inconsistent (no checkpoint, no recovery view inside it) until
+                it ends
+  paused        an operator paused replication (cdp pause); the agent journals, then past
+                its bound marks dirty regions
+  error         needs an operator: the reason says why
+  disconnected, refused, waiting
+                the agent is not connected: the reason says why";
+
+/// `cdp pause [--json] JOB` and `cdp resume [--json] JOB`.
+#[derive(Debug, Clone, Args)]
+pub struct LinkArgs {
+    /// The job: its name, its id, or a unique prefix of its id.
+    pub job: String,
+    /// Print the API's JSON (the job's status after the change) instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cdp throttle [--json] JOB RATE`.
+#[derive(Debug, Clone, Args)]
+pub struct ThrottleArgs {
+    /// The job: its name, its id, or a unique prefix of its id.
+    pub job: String,
+    /// Bytes per second the job may ship: a whole number with an optional suffix K, M or G
+    /// (powers of 1024), e.g. 10M; `off` or 0 for no limit.
+    #[arg(value_parser = parse_rate)]
+    pub rate: u64,
+    /// Print the API's JSON (the job's status after the change) instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Why a `cdp throttle` rate does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseRateError {
+    /// Not a whole number with an optional K, M or G, nor `off`.
+    #[error(
+        "expected bytes per second as a whole number with an optional suffix K, M or G \
+         (powers of 1024), e.g. 10M, or off for no limit"
+    )]
+    Malformed,
+    /// More bytes per second than 64 bits hold.
+    #[error("too large: a rate is at most {} bytes per second", u64::MAX)]
+    TooLarge,
+}
+
+/// A `cdp throttle` rate in bytes per second: `off` (any case) or a whole number with an
+/// optional suffix K, M or G (either case; powers of 1024). 0 and `off` mean no limit.
+pub fn parse_rate(text: &str) -> Result<u64, ParseRateError> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(0);
+    }
+    let (digits, unit) = match text.as_bytes().last() {
+        Some(b'k' | b'K') => (&text[..text.len() - 1], 1u64 << 10),
+        Some(b'm' | b'M') => (&text[..text.len() - 1], 1 << 20),
+        Some(b'g' | b'G') => (&text[..text.len() - 1], 1 << 30),
+        _ => (text, 1),
+    };
+    // `u64::from_str` alone would also take a leading `+`.
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ParseRateError::Malformed);
+    }
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|count| count.checked_mul(unit))
+        .ok_or(ParseRateError::TooLarge)
 }
 
 /// `cdp checkpoint JOB --tag TAG [--tag TAG ...] [--app-consistent] [--json]`.
@@ -507,6 +604,81 @@ pub async fn view_text(client: &ApiClient, command: &ViewCommand) -> Result<Stri
     }
 }
 
+/// `cdp pause`: pauses the job and writes what it is now to `out`.
+pub async fn pause(
+    api: &ApiArgs,
+    args: &LinkArgs,
+    env: &dyn Fn(&str) -> Option<OsString>,
+    out: &mut dyn Write,
+) -> Result<(), CommandError> {
+    let change = LinkChange {
+        paused: Some(true),
+        ..LinkChange::default()
+    };
+    change_link(api, &args.job, change, args.json, env, out).await
+}
+
+/// `cdp resume`: resumes the job and writes what it is now to `out`.
+pub async fn resume(
+    api: &ApiArgs,
+    args: &LinkArgs,
+    env: &dyn Fn(&str) -> Option<OsString>,
+    out: &mut dyn Write,
+) -> Result<(), CommandError> {
+    let change = LinkChange {
+        paused: Some(false),
+        ..LinkChange::default()
+    };
+    change_link(api, &args.job, change, args.json, env, out).await
+}
+
+/// `cdp throttle`: sets or lifts the job's bandwidth limit and writes what it is now to
+/// `out`.
+pub async fn throttle(
+    api: &ApiArgs,
+    args: &ThrottleArgs,
+    env: &dyn Fn(&str) -> Option<OsString>,
+    out: &mut dyn Write,
+) -> Result<(), CommandError> {
+    let change = LinkChange {
+        throttle_bytes_per_second: Some(args.rate),
+        ..LinkChange::default()
+    };
+    change_link(api, &args.job, change, args.json, env, out).await
+}
+
+async fn change_link(
+    api: &ApiArgs,
+    job: &str,
+    change: LinkChange,
+    json: bool,
+    env: &dyn Fn(&str) -> Option<OsString>,
+    out: &mut dyn Write,
+) -> Result<(), CommandError> {
+    let client = connect(api, env)?;
+    write_out(out, &link_text(&client, job, change, json).await?)
+}
+
+/// What `cdp pause`, `cdp resume` and `cdp throttle` print, from the API behind `client`:
+/// one sentence, or with `json` the job's status after the change. The job is passed as
+/// given: the appliance resolves names, ids and id prefixes.
+pub async fn link_text(
+    client: &ApiClient,
+    job: &str,
+    change: LinkChange,
+    json: bool,
+) -> Result<String, CommandError> {
+    let raw: serde_json::Value = client
+        .post_json(&link_path(job)?, &change, client.request_timeout())
+        .await?;
+    let status: JobStatus = decode(&raw)?;
+    if json {
+        Ok(pretty(&raw))
+    } else {
+        Ok(format::link_changed(&change, &status))
+    }
+}
+
 fn pretty(value: &serde_json::Value) -> String {
     // Serialising a `Value` cannot fail: its map keys are strings.
     let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
@@ -672,6 +844,99 @@ mod tests {
             cli.command,
             Command::View(ViewCommand::Delete(ViewDeleteArgs { id: 7 }))
         ));
+    }
+
+    #[test]
+    fn pause_resume_and_throttle_arguments_parse() {
+        let cli = Cli::try_parse_from(["cdp", "pause", "erp-db"]).unwrap();
+        let Command::Pause(args) = cli.command else {
+            panic!("not pause: {cli:?}");
+        };
+        assert_eq!((args.job.as_str(), args.json), ("erp-db", false));
+        let cli = Cli::try_parse_from(["cdp", "resume", "--json", "0123"]).unwrap();
+        let Command::Resume(args) = cli.command else {
+            panic!("not resume: {cli:?}");
+        };
+        assert_eq!((args.job.as_str(), args.json), ("0123", true));
+        let cli = Cli::try_parse_from(["cdp", "throttle", "erp-db", "10M", "--json"]).unwrap();
+        let Command::Throttle(args) = cli.command else {
+            panic!("not throttle: {cli:?}");
+        };
+        assert_eq!(
+            (args.job.as_str(), args.rate, args.json),
+            ("erp-db", 10 << 20, true)
+        );
+
+        for bad in [
+            vec!["cdp", "pause"],
+            vec!["cdp", "pause", "a", "b"],
+            vec!["cdp", "resume"],
+            vec!["cdp", "throttle", "erp-db"],
+            vec!["cdp", "throttle", "erp-db", "10M", "x"],
+        ] {
+            assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?}");
+        }
+        // A bad rate says what a rate is.
+        let err = Cli::try_parse_from(["cdp", "throttle", "erp-db", "10MB"]).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.starts_with(
+                "error: invalid value '10MB' for '<RATE>': expected bytes per second as a whole \
+                 number with an optional suffix K, M or G (powers of 1024), e.g. 10M, or off \
+                 for no limit"
+            ),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn rates_are_bytes_per_second_with_binary_suffixes() {
+        let check = |text: &str, expected: Result<u64, ParseRateError>| {
+            assert_eq!(parse_rate(text), expected, "{text:?}");
+        };
+        check("off", Ok(0));
+        check("OFF", Ok(0));
+        check("0", Ok(0));
+        check("0M", Ok(0));
+        check("1000", Ok(1000));
+        check("512K", Ok(512 << 10));
+        check("512k", Ok(512 << 10));
+        check("10M", Ok(10 << 20));
+        check("10m", Ok(10 << 20));
+        check("2G", Ok(2 << 30));
+        check("18446744073709551615", Ok(u64::MAX));
+        for malformed in [
+            "", "K", "M", "10MB", "10MiB", "1.5M", "-1", "+1", " 10M", "10 M", "10T", "none", "1e6",
+        ] {
+            check(malformed, Err(ParseRateError::Malformed));
+        }
+        check("18446744073709551616", Err(ParseRateError::TooLarge));
+        check("17179869184G", Err(ParseRateError::TooLarge));
+        assert_eq!(
+            ParseRateError::TooLarge.to_string(),
+            "too large: a rate is at most 18446744073709551615 bytes per second"
+        );
+    }
+
+    #[test]
+    fn status_help_explains_the_job_states() {
+        use clap::CommandFactory;
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("status")
+            .unwrap()
+            .render_help()
+            .to_string();
+        for state in [
+            "syncing",
+            "replicating",
+            "ahead",
+            "resyncing",
+            "paused",
+            "error",
+        ] {
+            assert!(help.contains(&format!("\n  {state} ")), "{state}: {help}");
+        }
     }
 
     /// An appliance data directory as the running appliance leaves it.
@@ -950,6 +1215,9 @@ mod tests {
             Command::Checkpoint(args) => checkpoint(&cli.api, args, &env, &mut out).await,
             Command::Checkpoints(args) => checkpoints(&cli.api, args, &env, &mut out).await,
             Command::View(command) => view(&cli.api, command, &env, &mut out).await,
+            Command::Pause(args) => pause(&cli.api, args, &env, &mut out).await,
+            Command::Resume(args) => resume(&cli.api, args, &env, &mut out).await,
+            Command::Throttle(args) => throttle(&cli.api, args, &env, &mut out).await,
             Command::Demo(_) => panic!("the demo is tested in demo::tests"),
         };
         done.map(|()| String::from_utf8(out).unwrap())
@@ -1022,6 +1290,57 @@ mod tests {
         assert_eq!(run(dir, &["checkpoints", "../x/y z?"]).await, no_job);
         assert_eq!(run(dir, &["checkpoints", ".."]).await, no_job);
         assert_eq!(run(dir, &["checkpoints", ""]).await, no_job);
+    }
+
+    #[tokio::test]
+    async fn jobs_are_paused_throttled_and_resumed() {
+        let (dir, stop) = serve_fake().await;
+        let path = dir.path();
+        assert_eq!(
+            run(path, &["pause", "demo"]).await.unwrap(),
+            "job demo paused\n"
+        );
+        // By id: the sentence names the job.
+        assert_eq!(
+            run(path, &["throttle", ID_DEMO, "10M"]).await.unwrap(),
+            "job demo: throttle 10 MiB/s\n"
+        );
+        let mut demo = two_jobs()[0].clone();
+        demo.paused = true;
+        demo.throttle_bytes_per_second = 10 << 20;
+        assert_eq!(
+            run(path, &["status"]).await.unwrap(),
+            format::jobs_table(&[demo.clone(), two_jobs()[1].clone()])
+        );
+        let table = run(path, &["status"]).await.unwrap();
+        assert!(
+            table.contains("  replicating, paused, throttle 10 MiB/s  async  "),
+            "{table}"
+        );
+        let detail = run(path, &["status", "demo"]).await.unwrap();
+        assert!(
+            detail.contains("\npaused          yes\nthrottle        10 MiB/s\n"),
+            "{detail}"
+        );
+        assert_eq!(
+            run(path, &["throttle", "demo", "off"]).await.unwrap(),
+            "job demo: no throttle\n"
+        );
+        let json = run(path, &["resume", "demo", "--json"]).await.unwrap();
+        let resumed: JobStatus = serde_json::from_str(&json).unwrap();
+        assert_eq!(resumed, two_jobs()[0]);
+        assert_eq!(
+            run(path, &["resume", "demo"]).await.unwrap(),
+            "job demo resumed\n"
+        );
+
+        let no_job = refused("404 Not Found", "no such job");
+        assert_eq!(run(path, &["pause", "nope"]).await, no_job);
+        assert_eq!(run(path, &["throttle", "../x", "1M"]).await, no_job);
+        assert_eq!(run(path, &["resume", ""]).await, no_job);
+        stop.await;
+        let (code, message) = run(path, &["pause", "demo"]).await.unwrap_err();
+        assert_eq!(code, EXIT_ERROR, "{message}");
     }
 
     #[tokio::test]

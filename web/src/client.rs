@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::api::{
     CheckpointList, CheckpointStatus, CreateCheckpoint, CreateView, ErrorBody, JobList, JobStatus,
-    ViewList, ViewStatus, API_PREFIX, CHECKPOINT_WAIT_MAX,
+    LinkChange, ViewList, ViewStatus, API_PREFIX, CHECKPOINT_WAIT_MAX,
 };
 use crate::token::ApiToken;
 
@@ -240,6 +240,13 @@ impl ApiClient {
             .await
     }
 
+    /// `POST /api/v1/jobs/{job}/link`: pauses, resumes or throttles `job` (a name, an id or
+    /// an id prefix); answers the job after the change.
+    pub async fn set_link(&self, job: &str, change: &LinkChange) -> Result<JobStatus, ClientError> {
+        self.post_json(&link_path(job)?, change, self.request_timeout)
+            .await
+    }
+
     /// `GET /api/v1/views`.
     pub async fn views(&self) -> Result<Vec<ViewStatus>, ClientError> {
         let list: ViewList = self.get_json("/views").await?;
@@ -393,13 +400,23 @@ fn answer<T: DeserializeOwned>(status: StatusCode, body: &[u8]) -> Result<T, Cli
 /// [`ApiClient::get_json`] and [`ApiClient::post_json`]. An empty `job` names no job: it is
 /// refused here, as the appliance would.
 pub fn checkpoints_path(job: &str) -> Result<String, ClientError> {
+    job_path(job, "checkpoints")
+}
+
+/// `/jobs/{job}/link` (under `/api/v1`), as [`checkpoints_path`].
+pub fn link_path(job: &str) -> Result<String, ClientError> {
+    job_path(job, "link")
+}
+
+/// `/jobs/{job}/{what}` with `job` percent-encoded; an empty `job` is refused.
+fn job_path(job: &str, what: &str) -> Result<String, ClientError> {
     if job.is_empty() {
         return Err(ClientError::Refused {
             status: StatusCode::NOT_FOUND,
             message: "no such job".to_owned(),
         });
     }
-    Ok(format!("/jobs/{}/checkpoints", path_segment(job)))
+    Ok(format!("/jobs/{}/{what}", path_segment(job)))
 }
 
 /// `text` as one path segment: every byte but RFC 3986's unreserved characters
@@ -602,11 +619,16 @@ mod tests {
             checkpoints_path("my job").unwrap(),
             "/jobs/my%20job/checkpoints"
         );
-        let err = checkpoints_path("").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "the appliance refused the request (404 Not Found): no such job"
-        );
+        assert_eq!(link_path("../x").unwrap(), "/jobs/..%2Fx/link");
+        for err in [
+            checkpoints_path("").unwrap_err(),
+            link_path("").unwrap_err(),
+        ] {
+            assert_eq!(
+                err.to_string(),
+                "the appliance refused the request (404 Not Found): no such job"
+            );
+        }
     }
 
     #[tokio::test]
@@ -671,6 +693,33 @@ mod tests {
         assert_eq!(
             refusal(client.delete_view(9).await.unwrap_err()),
             "the appliance refused the request (404 Not Found): no such view"
+        );
+    }
+
+    #[tokio::test]
+    async fn changes_a_jobs_link_over_http() {
+        let (client, _stop) = served(token()).await;
+        let pause = LinkChange {
+            paused: Some(true),
+            ..LinkChange::default()
+        };
+        let job = client.set_link("demo", &pause).await.unwrap();
+        assert_eq!((job.name.as_str(), job.paused), ("demo", true));
+        let throttle = LinkChange {
+            throttle_bytes_per_second: Some(10 << 20),
+            ..LinkChange::default()
+        };
+        let job = client.set_link(ID_DEMO, &throttle).await.unwrap();
+        assert_eq!(
+            (job.paused, job.throttle_bytes_per_second),
+            (true, 10 << 20)
+        );
+        assert_eq!(client.job(ID_DEMO).await.unwrap(), job);
+        let err = client.set_link("nope", &pause).await.unwrap_err();
+        assert!(err.is_refusal(), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "the appliance refused the request (404 Not Found): no such job"
         );
     }
 

@@ -1122,8 +1122,8 @@ pub fn status_line(elapsed: Duration, job: Option<&JobStatus>) -> String {
         return format!("{prefix}  job {JOB_NAME} is not listed by the appliance");
     };
     let state = match &job.state_reason {
-        Some(reason) => format!("{} ({reason})", job.state),
-        None => job.state.clone(),
+        Some(reason) => format!("{} ({reason})", format::job_state(job)),
+        None => format::job_state(job),
     };
     format!(
         "{prefix}  {}: {state}, RPO {}, lag {} rec / {}, applied seq {} of {}",

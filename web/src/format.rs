@@ -1,6 +1,7 @@
 //! Text for people: human-readable sizes and durations, shell quoting, the `cdp status`
-//! table and one-job detail, and what `cdp checkpoint`, `cdp checkpoints` and `cdp view`
-//! print, all from the API's DTOs.
+//! table and one-job detail (with a job's sync progress, dirty bytes, pause and throttle),
+//! and what `cdp checkpoint`, `cdp checkpoints`, `cdp view`, `cdp pause`, `cdp resume` and
+//! `cdp throttle` print, all from the API's DTOs.
 //!
 //! Pure functions of their inputs: must never do I/O or read the clock, so that what the
 //! CLI prints can be tested byte for byte. Text that operators typed into the appliance
@@ -9,7 +10,7 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use crate::api::{CheckpointStatus, JobStatus, ViewStatus};
+use crate::api::{CheckpointStatus, JobStatus, LinkChange, ViewStatus};
 
 /// `0 B`, `512 B`, `1.5 KiB`, `256 MiB`, `1.0 TiB`: binary units, one decimal below 10.
 pub fn bytes(count: u64) -> String {
@@ -29,6 +30,22 @@ pub fn bytes(count: u64) -> String {
     } else {
         format!("{value:.0} {}", UNITS[unit])
     }
+}
+
+/// A rate in bytes per second: `500 B/s`, `10 MiB/s`, `1.5 GiB/s`.
+pub fn rate(bytes_per_second: u64) -> String {
+    format!("{}/s", bytes(bytes_per_second))
+}
+
+/// How much of `total` `done` is, in whole percent rounded down (so 100% means done),
+/// never above 100.
+fn percent(done: u64, total: u64) -> u64 {
+    if total == 0 {
+        return 0;
+    }
+    // u128: `done * 100` cannot overflow; the quotient is at most 100.
+    let done = u128::from(done.min(total));
+    (done * 100 / u128::from(total)) as u64
 }
 
 /// The value as it will print: one decimal below 10, none above.
@@ -138,6 +155,44 @@ fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
     out
 }
 
+/// A job's state and what it means now: the progress of an initial sync or a resync
+/// (`resyncing 42% (1.2 GiB of 2.9 GiB)`, once the agent has reported its size), the bytes
+/// the agent has marked dirty while it is `ahead` or `paused` (`ahead, 1.2 GiB dirty`), or
+/// the state alone.
+pub fn job_state(job: &JobStatus) -> String {
+    let state = printable(&job.state);
+    match job.state.as_str() {
+        "syncing" | "resyncing" if job.resync_total_bytes > 0 => {
+            let done = job.resync_done_bytes.min(job.resync_total_bytes);
+            format!(
+                "{state} {}% ({} of {})",
+                percent(done, job.resync_total_bytes),
+                bytes(done),
+                bytes(job.resync_total_bytes)
+            )
+        }
+        "ahead" | "paused" if job.dirty_bytes > 0 => {
+            format!("{state}, {} dirty", bytes(job.dirty_bytes))
+        }
+        _ => state.into_owned(),
+    }
+}
+
+/// The STATE cell of `cdp status`: [`job_state`], then `paused` when an operator paused the
+/// job but its state does not say so yet (the agent has not reported since, or the applier
+/// failed), and the throttle when one is set: `replicating, throttle 10 MiB/s`.
+fn state_cell(job: &JobStatus) -> String {
+    let mut cell = job_state(job);
+    if job.paused && job.state != "paused" {
+        cell.push_str(", paused");
+    }
+    if job.throttle_bytes_per_second > 0 {
+        // Writing to a String cannot fail.
+        let _ = write!(cell, ", throttle {}", rate(job.throttle_bytes_per_second));
+    }
+    cell
+}
+
 /// The `cdp status` table: a header and one line per job. No jobs gives a sentence instead
 /// of an empty table.
 pub fn jobs_table(jobs: &[JobStatus]) -> String {
@@ -159,7 +214,7 @@ pub fn jobs_table(jobs: &[JobStatus]) -> String {
                 job.name.clone(),
                 short_id(&job.id).to_owned(),
                 job.agent.clone(),
-                job.state.clone(),
+                state_cell(job),
                 job.mode.clone(),
                 duration(job.rpo_seconds),
                 format!("{} rec / {}", job.lag_records, bytes(job.lag_bytes)),
@@ -178,8 +233,13 @@ pub fn jobs_table(jobs: &[JobStatus]) -> String {
 /// `cdp status JOB`: every field of one job, one per line, labels aligned.
 pub fn job_detail(job: &JobStatus) -> String {
     let state = match &job.state_reason {
-        Some(reason) => format!("{} ({reason})", job.state),
-        None => job.state.clone(),
+        Some(reason) => format!("{} ({})", job_state(job), printable(reason)),
+        None => job_state(job),
+    };
+    let throttle = if job.throttle_bytes_per_second == 0 {
+        "none".to_owned()
+    } else {
+        rate(job.throttle_bytes_per_second)
     };
     let heartbeat = match job.last_heartbeat_age_seconds {
         Some(age) => format!("{} ago", duration(age)),
@@ -222,6 +282,9 @@ pub fn job_detail(job: &JobStatus) -> String {
             "consistent",
             if job.consistent { "yes" } else { "no" }.to_owned(),
         ),
+        ("dirty regions", bytes(job.dirty_bytes)),
+        ("paused", if job.paused { "yes" } else { "no" }.to_owned()),
+        ("throttle", throttle),
     ];
     let width = fields
         .iter()
@@ -257,6 +320,28 @@ pub fn job_detail(job: &JobStatus) -> String {
             disk.id, disk.name, size, disk.replica_path
         );
     }
+    out
+}
+
+/// What `cdp pause`, `cdp resume` and `cdp throttle` print, from the job's status after
+/// `change`: `job erp-db paused`, `job erp-db resumed`, `job erp-db: throttle 10 MiB/s`,
+/// `job erp-db: no throttle` (both, for a change of both settings).
+pub fn link_changed(change: &LinkChange, job: &JobStatus) -> String {
+    let name = printable(&job.name);
+    let mut out = format!("job {name}");
+    if change.paused.is_some() {
+        out.push_str(if job.paused { " paused" } else { " resumed" });
+    }
+    if change.throttle_bytes_per_second.is_some() {
+        out.push_str(if change.paused.is_some() { "; " } else { ": " });
+        if job.throttle_bytes_per_second == 0 {
+            out.push_str("no throttle");
+        } else {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "throttle {}", rate(job.throttle_bytes_per_second));
+        }
+    }
+    out.push('\n');
     out
 }
 
@@ -435,6 +520,23 @@ mod tests {
     }
 
     #[test]
+    fn rates_and_percentages_round_as_shown() {
+        assert_eq!(rate(0), "0 B/s");
+        assert_eq!(rate(10 << 20), "10 MiB/s");
+        assert_eq!(rate(1_500_000), "1.4 MiB/s");
+        let check = |done: u64, total: u64, expected: u64| {
+            assert_eq!(percent(done, total), expected, "{done} of {total}");
+        };
+        check(0, 0, 0);
+        check(0, 10, 0);
+        check(1, 3, 33);
+        check(999, 1000, 99);
+        check(1000, 1000, 100);
+        check(2000, 1000, 100);
+        check(u64::MAX - 1, u64::MAX, 99);
+    }
+
+    #[test]
     fn durations_are_human_readable() {
         let check = |seconds: f64, expected: &str| {
             assert_eq!(duration(seconds), expected, "{seconds}");
@@ -495,6 +597,9 @@ applied seq     77 (0 records to apply)
 history         empty
 checkpoints     0
 consistent      no
+dirty regions   0 B
+paused          no
+throttle        none
 disks
     0  sys    20 GiB  /var/lib/cdp/replica/db/sys.img
     1  data  1.0 TiB  /var/lib/cdp/replica/db/data.img
@@ -525,6 +630,145 @@ disks
         assert!(
             detail.contains("\nhistory         from seq 1000\n"),
             "{detail}"
+        );
+    }
+
+    /// `demo` (replicating) in `state`, with the given sync progress and dirty bytes.
+    fn demo_in(state: &str, resync: (u64, u64), dirty_bytes: u64) -> JobStatus {
+        JobStatus {
+            state: state.to_owned(),
+            resync_done_bytes: resync.0,
+            resync_total_bytes: resync.1,
+            dirty_bytes,
+            ..two_jobs()[0].clone()
+        }
+    }
+
+    #[test]
+    fn states_show_progress_dirty_bytes_pause_and_throttle() {
+        const GIB: u64 = 1 << 30;
+        let check = |job: JobStatus, expected: &str| {
+            assert_eq!(state_cell(&job), expected, "{job:?}");
+        };
+        check(demo_in("replicating", (0, 0), 0), "replicating");
+        check(
+            demo_in("resyncing", (GIB * 6 / 5, GIB * 29 / 10), 3 * GIB),
+            "resyncing 41% (1.2 GiB of 2.9 GiB)",
+        );
+        check(
+            demo_in("syncing", (0, 256 << 20), 0),
+            "syncing 0% (0 B of 256 MiB)",
+        );
+        // Before the agent has sized the sync: the state alone.
+        check(demo_in("syncing", (0, 0), 0), "syncing");
+        check(demo_in("ahead", (0, 0), 12 << 20), "ahead, 12 MiB dirty");
+        check(demo_in("ahead", (0, 0), 0), "ahead");
+        // Dirty bytes belong to `ahead` and `paused`; a resync shows its own progress.
+        check(
+            demo_in("resyncing", (GIB, GIB), 5 * GIB),
+            "resyncing 100% (1.0 GiB of 1.0 GiB)",
+        );
+        let paused = |state: &str, dirty_bytes: u64, throttle: u64| JobStatus {
+            paused: true,
+            throttle_bytes_per_second: throttle,
+            ..demo_in(state, (0, 0), dirty_bytes)
+        };
+        check(paused("paused", 0, 0), "paused");
+        check(paused("paused", 3 << 20, 0), "paused, 3.0 MiB dirty");
+        // Paused, but the agent has not said so yet.
+        check(paused("replicating", 0, 0), "replicating, paused");
+        check(
+            paused("replicating", 0, 10 << 20),
+            "replicating, paused, throttle 10 MiB/s",
+        );
+        check(
+            JobStatus {
+                throttle_bytes_per_second: 1 << 20,
+                ..demo_in("ahead", (0, 0), GIB)
+            },
+            "ahead, 1.0 GiB dirty, throttle 1.0 MiB/s",
+        );
+        // An unknown state is shown as it is, made printable.
+        check(demo_in("rebalancing\x1b", (0, 0), 0), "rebalancing?");
+    }
+
+    #[test]
+    fn jobs_table_shows_sync_progress_and_throttle_aligned() {
+        let mut jobs = two_jobs();
+        jobs[0] = JobStatus {
+            throttle_bytes_per_second: 10 << 20,
+            ..demo_in("resyncing", (420 << 20, 1 << 30), 0)
+        };
+        let expected = "\
+JOB   ID        AGENT       STATE                                                  MODE   RPO    LAG              APPLIED  DISKS
+demo  01234567  demo-agent  resyncing 41% (420 MiB of 1.0 GiB), throttle 10 MiB/s  async  0.25s  12 rec / 48 KiB  1200     disk0 (256 MiB)
+db    fedcba98  db-host     refused                                                sync   1h06m  0 rec / 0 B      77       sys (20 GiB), data (1.0 TiB)
+";
+        assert_eq!(jobs_table(&jobs), expected);
+    }
+
+    #[test]
+    fn job_detail_shows_state_pause_and_throttle() {
+        let job = JobStatus {
+            paused: true,
+            throttle_bytes_per_second: 10 << 20,
+            state_reason: Some("past the backlog bound".to_owned()),
+            ..demo_in("ahead", (0, 0), 3 << 30)
+        };
+        let detail = job_detail(&job);
+        assert!(
+            detail.contains("\nstate           ahead, 3.0 GiB dirty (past the backlog bound)\n"),
+            "{detail}"
+        );
+        assert!(
+            detail.contains(
+                "\nconsistent      yes\n\
+                 dirty regions   3.0 GiB\n\
+                 paused          yes\n\
+                 throttle        10 MiB/s\n\
+                 disks\n"
+            ),
+            "{detail}"
+        );
+    }
+
+    #[test]
+    fn link_changes_are_one_sentence() {
+        let check = |change: LinkChange, paused: bool, throttle: u64, expected: &str| {
+            let job = JobStatus {
+                name: "erp-db".to_owned(),
+                paused,
+                throttle_bytes_per_second: throttle,
+                ..two_jobs()[0].clone()
+            };
+            assert_eq!(link_changed(&change, &job), expected, "{change:?}");
+        };
+        let pause = |paused| LinkChange {
+            paused: Some(paused),
+            throttle_bytes_per_second: None,
+        };
+        let throttle = |rate| LinkChange {
+            paused: None,
+            throttle_bytes_per_second: Some(rate),
+        };
+        check(pause(true), true, 0, "job erp-db paused\n");
+        check(pause(false), false, 5, "job erp-db resumed\n");
+        check(
+            throttle(10 << 20),
+            false,
+            10 << 20,
+            "job erp-db: throttle 10 MiB/s\n",
+        );
+        check(throttle(0), true, 0, "job erp-db: no throttle\n");
+        let both = LinkChange {
+            paused: Some(true),
+            throttle_bytes_per_second: Some(1 << 20),
+        };
+        check(
+            both,
+            true,
+            1 << 20,
+            "job erp-db paused; throttle 1.0 MiB/s\n",
         );
     }
 

@@ -43,6 +43,15 @@ fn main() -> ExitCode {
         Command::View(command) => {
             runtime.block_on(web::cli::view(&cli.api, command, &env, &mut stdout))
         }
+        Command::Pause(args) => {
+            runtime.block_on(web::cli::pause(&cli.api, args, &env, &mut stdout))
+        }
+        Command::Resume(args) => {
+            runtime.block_on(web::cli::resume(&cli.api, args, &env, &mut stdout))
+        }
+        Command::Throttle(args) => {
+            runtime.block_on(web::cli::throttle(&cli.api, args, &env, &mut stdout))
+        }
         Command::Demo(args) => {
             return match runtime.block_on(demo(args.clone())) {
                 Ok(()) => ExitCode::SUCCESS,

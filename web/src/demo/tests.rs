@@ -99,6 +99,15 @@ fn status_lines_say_state_rpo_lag_and_seqs() {
         "[ 3m05s]  demo: refused (agent is not paired), RPO 0.25s, lag 12 rec / 48 KiB, \
          applied seq 1200 of 1240"
     );
+    // A new job's first sync shows its progress.
+    let mut syncing = job("syncing");
+    syncing.resync_done_bytes = 64 << 20;
+    syncing.resync_total_bytes = 256 << 20;
+    assert_eq!(
+        status_line(Duration::from_secs(5), Some(&syncing)),
+        "[    5s]  demo: syncing 25% (64 MiB of 256 MiB), RPO 0.25s, lag 12 rec / 48 KiB, \
+         applied seq 1200 of 1240"
+    );
     assert_eq!(
         status_line(Duration::ZERO, None),
         "[    0s]  job demo is not listed by the appliance"
