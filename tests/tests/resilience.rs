@@ -248,11 +248,21 @@ fn kill9_while_ahead_and_while_resyncing_resyncs_only_marked_regions() -> Result
     write_from(&agent, "d0", &source, &offsets, MIB)?;
     agent.kill();
     agent.restart()?;
-    ensure!(
-        agent_value(&agent, "cdp_dirty_bytes", &[("job", &job)]) >= 48.0 * MIB as f64,
-        "the dirty regions did not survive kill -9\n{}",
-        agent.diagnostics()
-    );
+    // The appliance is still away, so nothing can clear them: the marks must be back.
+    poll_until(
+        "the dirty regions reported after kill -9",
+        Duration::from_secs(20),
+        || {
+            let dirty = agent_value(&agent, "cdp_dirty_bytes", &[("job", &job)]);
+            Ok((dirty >= 48.0 * MIB as f64).then_some(()))
+        },
+    )
+    .with_context(|| {
+        format!(
+            "the dirty regions did not survive kill -9\n{}",
+            agent.diagnostics()
+        )
+    })?;
 
     // The appliance returns; the resync is throttled to 8 MiB/s, so it is caught midway.
     appliance.restart()?;
