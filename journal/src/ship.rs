@@ -478,13 +478,6 @@ impl Shipper {
         self.control.take()
     }
 
-    /// Queues the agent's job status for the appliance (only while streaming).
-    pub fn send_status(&mut self, status: AgentStatus) {
-        if self.state == ShipperState::Streaming {
-            self.outbox.push_back(Frame::AgentStatus(status));
-        }
-    }
-
     /// A seq below which the agent's journal may be trimmed, once per advance of the ack.
     pub fn poll_trim(&mut self) -> Option<Seq> {
         if self.acked > self.trimmed {

@@ -340,29 +340,32 @@ impl Resync {
     }
 }
 
-/// Appends a resync mark as a `Resync` record.
+/// Appends a resync mark as a `Resync` record (blocking).
+fn append_resync(journal: &SharedJournal, disk: DiskId, mark: &ResyncMark) -> Result<Seq, String> {
+    let bytes = mark.encode().map_err(|e| e.to_string())?;
+    journal
+        .append(Entry {
+            disk,
+            kind: RecordKind::Resync,
+            offset: 0,
+            length: bytes.len() as u32,
+            payload: &bytes,
+            timestamp: Timestamp(now_micros()),
+            flags: Flags::NONE,
+        })
+        .map_err(|e| e.to_string())
+}
+
+/// [`append_resync`] on the blocking pool.
 async fn append_mark(
     journal: &Arc<SharedJournal>,
     disk: DiskId,
     mark: ResyncMark,
 ) -> Result<Seq, String> {
-    let bytes = mark.encode().map_err(|e| e.to_string())?;
     let journal = Arc::clone(journal);
-    tokio::task::spawn_blocking(move || {
-        journal
-            .append(Entry {
-                disk,
-                kind: RecordKind::Resync,
-                offset: 0,
-                length: bytes.len() as u32,
-                payload: &bytes,
-                timestamp: Timestamp(now_micros()),
-                flags: Flags::NONE,
-            })
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| format!("resync task: {e}"))?
+    tokio::task::spawn_blocking(move || append_resync(&journal, disk, &mark))
+        .await
+        .map_err(|e| format!("resync task: {e}"))?
 }
 
 /// Reads a region under its range lock, hashes its blocks and appends the hashes record.
@@ -384,24 +387,12 @@ async fn hash_region(
             .chunks(RESYNC_BLOCK_BYTES as usize)
             .map(block_hash)
             .collect();
-        let bytes = ResyncMark::Hashes {
+        let mark = ResyncMark::Hashes {
             offset: asked.offset,
             block_bytes: RESYNC_BLOCK_BYTES,
             hashes,
-        }
-        .encode()
-        .map_err(|e| e.to_string())?;
-        journal
-            .append(Entry {
-                disk: disk.id,
-                kind: RecordKind::Resync,
-                offset: 0,
-                length: bytes.len() as u32,
-                payload: &bytes,
-                timestamp: Timestamp(now_micros()),
-                flags: Flags::NONE,
-            })
-            .map_err(|e| e.to_string())
+        };
+        append_resync(&journal, disk.id, &mark)
     })
     .await
     .map_err(|e| format!("resync task: {e}"))??;

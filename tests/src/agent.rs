@@ -23,7 +23,7 @@ use anyhow::{bail, ensure, Context, Result};
 use tempfile::TempDir;
 
 use crate::appliance::Appliance;
-use crate::cmd::{signal, wait_deadline, Tool};
+use crate::cmd::{poll_until, signal, wait_deadline, Tool};
 use crate::image::{blake3_file, compare_files, create_sparse};
 use crate::metrics::{scrape, Metrics};
 use crate::netns::{command_in, tool_in, within};
@@ -653,6 +653,28 @@ impl Agent {
             .metrics
             .context("agent started without a metrics listener")?;
         within(self.netns.as_deref(), || scrape(addr))
+    }
+
+    /// Metric `name` with `labels`, or 0 when the agent does not expose it (yet) or cannot
+    /// be scraped.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.metrics()
+            .ok()
+            .and_then(|m| m.value(name, labels).ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Whether the agent reports `job` in `state` (`cdp_job_state{state} 1`).
+    pub fn in_job_state(&self, job: &str, state: &str) -> bool {
+        self.metric("cdp_job_state", &[("job", job), ("state", state)]) == 1.0
+    }
+
+    /// Waits until the agent reports `job` in `state`; fails after `timeout` with its logs.
+    pub fn wait_job_state(&self, job: &str, state: &str, timeout: Duration) -> Result<()> {
+        poll_until(&format!("the job going {state}"), timeout, || {
+            Ok(self.in_job_state(job, state).then_some(()))
+        })
+        .with_context(|| self.diagnostics())
     }
 
     /// The job id (32 hex digits), from the `job` label of `cdp_journal_head_seq`.

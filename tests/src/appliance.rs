@@ -27,6 +27,7 @@ use tempfile::TempDir;
 
 use crate::agent::{binary, file_tail, temp_dir, Agent, READY_TIMEOUT, STOP_TIMEOUT};
 use crate::cmd::{poll_until, signal, wait_deadline, Tool};
+use crate::image::{blake3_file, compare_files};
 use crate::metrics::{scrape, Metrics};
 use crate::netns::{command_in, tool_in, within};
 
@@ -716,4 +717,34 @@ pub fn wait_drained(
             appliance.diagnostics()
         )
     })
+}
+
+/// Requires every replica of the agent's disks to equal its backing file (blake3), saying
+/// where they differ otherwise.
+pub fn assert_replicas_equal_sources(
+    agent: &Agent,
+    appliance: &Appliance,
+    job: &str,
+) -> Result<()> {
+    for disk in agent.disks() {
+        let replica = appliance.replica_path(job, &disk.name);
+        let source_hash = blake3_file(&disk.backing)?;
+        let replica_hash =
+            blake3_file(&replica).with_context(|| format!("disk {}: no replica", disk.name))?;
+        if source_hash != replica_hash {
+            let diff = compare_files(&disk.backing, &replica)?
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "no byte differs".into());
+            bail!(
+                "disk {}: the replica differs from the source\n  source  {} blake3 {source_hash}\n  \
+                 replica {} blake3 {replica_hash}\n  {diff}\n{}\n{}",
+                disk.name,
+                disk.backing.display(),
+                replica.display(),
+                agent.diagnostics(),
+                appliance.diagnostics()
+            );
+        }
+    }
+    Ok(())
 }

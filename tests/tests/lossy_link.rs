@@ -84,16 +84,6 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// says how far it got; [`CATCH_UP_MAX`] is the bound that is asserted).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Waits until the agent reports `cdp_job_state{state="replicating"} 1`.
-fn wait_link_up(agent: &Agent, job: &str, timeout: Duration) -> Result<()> {
-    let labels = [("job", job), ("state", "replicating")];
-    poll_until("the agent's link to the appliance", timeout, || {
-        let up = agent.metrics()?.value("cdp_job_state", &labels)?;
-        Ok((up == 1.0).then_some(()))
-    })
-    .with_context(|| agent.diagnostics())
-}
-
 /// One look at the pair while the client writes.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -163,7 +153,7 @@ fn replication_keeps_up_over_a_lossy_slow_delayed_link() -> Result<()> {
         appliance.dir().display()
     );
     let job = agent.job_id()?;
-    wait_link_up(&agent, &job, LINK_UP_TIMEOUT)?;
+    agent.wait_job_state(&job, "replicating", LINK_UP_TIMEOUT)?;
 
     // The paced workload: one qemu-io, a write of random bytes, then a pause, over and over.
     let mut chunks: Vec<(PathBuf, Vec<u8>)> = Vec::new();

@@ -28,13 +28,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use cdp_tests::agent::temp_dir;
+use cdp_tests::appliance::assert_replicas_equal_sources;
 use cdp_tests::cmd::Output;
-use cdp_tests::image::blake3_file;
 use cdp_tests::mount::Mounted;
 use cdp_tests::workload::{self, Op, Source};
 use cdp_tests::{
-    compare_files, poll_until, progress, wait_drained, Agent, Appliance, Model, QemuIo, Rng, KIB,
-    MIB,
+    poll_until, progress, wait_drained, Agent, Appliance, Model, QemuIo, Rng, KIB, MIB,
 };
 
 /// Longest wait for the appliance to apply everything the agent journaled, when the link is
@@ -58,50 +57,6 @@ fn print_dirs(test: &str, agent: &Agent, appliance: &Appliance) {
         agent.dir().display(),
         appliance.dir().display()
     );
-}
-
-/// A metric of the agent for the job, or 0 when the agent does not expose it yet.
-fn agent_value(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
-    Ok(agent.metrics()?.value(name, labels).unwrap_or(0.0))
-}
-
-/// Waits until the agent reports `cdp_job_state{state="replicating"} 1`.
-fn wait_link_up(agent: &Agent, job: &str, timeout: Duration) -> Result<()> {
-    poll_until("the agent's link to the appliance", timeout, || {
-        let up = agent_value(
-            agent,
-            "cdp_job_state",
-            &[("job", job), ("state", "replicating")],
-        )?;
-        Ok((up == 1.0).then_some(()))
-    })
-    .with_context(|| agent.diagnostics())
-}
-
-/// Requires every replica of the agent's disks to equal its backing file (blake3), saying
-/// where they differ otherwise.
-fn assert_replicas_equal_sources(agent: &Agent, appliance: &Appliance, job: &str) -> Result<()> {
-    for disk in agent.disks() {
-        let replica = appliance.replica_path(job, &disk.name);
-        let source_hash = blake3_file(&disk.backing)?;
-        let replica_hash =
-            blake3_file(&replica).with_context(|| format!("disk {}: no replica", disk.name))?;
-        if source_hash != replica_hash {
-            let diff = compare_files(&disk.backing, &replica)?
-                .map(|d| d.to_string())
-                .unwrap_or_else(|| "no byte differs".into());
-            bail!(
-                "disk {}: the replica differs from the source\n  source  {} blake3 {source_hash}\n  \
-                 replica {} blake3 {replica_hash}\n  {diff}\n{}\n{}",
-                disk.name,
-                disk.backing.display(),
-                replica.display(),
-                agent.diagnostics(),
-                appliance.diagnostics()
-            );
-        }
-    }
-    Ok(())
 }
 
 /// `len` bytes of `path` at `offset`.
@@ -415,7 +370,7 @@ fn agent_kill9_mid_stream_loses_no_acknowledged_fua_or_flushed_write() -> Result
         .start()?;
     print_dirs(test, &agent, &appliance);
     let job = agent.job_id()?;
-    wait_link_up(&agent, &job, LINK_UP_TIMEOUT)?;
+    agent.wait_job_state(&job, "replicating", LINK_UP_TIMEOUT)?;
 
     // Every write gets its own 128 KiB slot, so each acknowledged write's pattern must be
     // found whole in the replica, whatever came after it.
@@ -465,7 +420,7 @@ fn agent_kill9_mid_stream_loses_no_acknowledged_fua_or_flushed_write() -> Result
         "the agent's journal head reaching the kill point",
         Duration::from_secs(60),
         || {
-            let head = agent_value(&agent, "cdp_journal_head_seq", &[("job", &job)])?;
+            let head = agent.metric("cdp_journal_head_seq", &[("job", &job)]);
             Ok((head >= kill_at_head || stream.is_finished()).then_some(()))
         },
     )?;
@@ -573,7 +528,7 @@ fn agent_kill9_during_large_writes_leaves_replica_equal_to_source() -> Result<()
     print_dirs(test, &agent, &appliance);
     let job = agent.job_id()?;
     let labels = [("job", job.as_str())];
-    wait_link_up(&agent, &job, LINK_UP_TIMEOUT)?;
+    agent.wait_job_state(&job, "replicating", LINK_UP_TIMEOUT)?;
     // 4 MiB of random bytes: every record is as large as the client sends and does not
     // compress, so appending it and writing the backing disk each take a while.
     let source = Source::create(&mut rng, &agent.dir().join("source.bin"))?;
@@ -640,7 +595,7 @@ fn a_write_the_source_disk_refused_never_reaches_the_replica() -> Result<()> {
         .start()?;
     print_dirs(test, &agent, &appliance);
     let job = agent.job_id()?;
-    wait_link_up(&agent, &job, LINK_UP_TIMEOUT)?;
+    agent.wait_job_state(&job, "replicating", LINK_UP_TIMEOUT)?;
     let uri = agent.uri("d0");
     QemuIo::new(&uri).cmd("write -q -P 0x11 0 512k").run()?;
     let refused = QemuIo::new(&uri)
@@ -734,7 +689,7 @@ fn appliance_kill9_mid_stream_converges_without_gaps() -> Result<()> {
         .start()?;
     print_dirs(test, &agent, &appliance);
     let job = agent.job_id()?;
-    wait_link_up(&agent, &job, LINK_UP_TIMEOUT)?;
+    agent.wait_job_state(&job, "replicating", LINK_UP_TIMEOUT)?;
 
     let writer = keep_writing(
         agent.uri("d0"),
@@ -756,7 +711,7 @@ fn appliance_kill9_mid_stream_converges_without_gaps() -> Result<()> {
     )?;
     ensure!(!writer.is_finished(), "the client stopped early");
     appliance.kill();
-    let head_at_kill = agent_value(&agent, "cdp_journal_head_seq", &[("job", &job)])? as u64;
+    let head_at_kill = agent.metric("cdp_journal_head_seq", &[("job", &job)]) as u64;
     // The agent keeps serving writes while the appliance is down.
     writer.wait_rounds(2, Duration::from_secs(60))?;
     ensure!(
@@ -910,7 +865,7 @@ fn sync_mode_acknowledged_write_is_durable_at_appliance() -> Result<()> {
     print_dirs(test, &agent, &appliance);
     let job = agent.job_id()?;
     let labels = [("job", job.as_str())];
-    wait_link_up(&agent, &job, LINK_UP_TIMEOUT)?;
+    agent.wait_job_state(&job, "replicating", LINK_UP_TIMEOUT)?;
 
     let writes = rng.range(8, 16);
     let mut landed = 0;
@@ -1007,7 +962,7 @@ fn assert_never_replicates(agent: &Agent, what: &str, log_says: &str) -> Result<
     let labels = [("job", job.as_str()), ("state", "replicating")];
     let until = Instant::now() + REFUSED_WINDOW;
     while Instant::now() < until {
-        let up = agent_value(agent, "cdp_job_state", &labels)?;
+        let up = agent.metric("cdp_job_state", &labels);
         ensure!(
             up == 0.0,
             "{what}: the agent reports replicating\n{}",
@@ -1140,7 +1095,7 @@ fn corrupted_batches_are_refused_and_refetched() -> Result<()> {
         .start()?;
     print_dirs(test, &agent, &appliance);
     let job = agent.job_id()?;
-    wait_link_up(&agent, &job, LINK_UP_TIMEOUT)?;
+    agent.wait_job_state(&job, "replicating", LINK_UP_TIMEOUT)?;
     let source = Source::create(&mut rng, &agent.dir().join("source.bin"))?;
 
     // A few MiB in many small writes over several client runs, so that dozens of batches

@@ -6,12 +6,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
+use cdp_tests::appliance::assert_replicas_equal_sources;
 use cdp_tests::image::write_file;
-use cdp_tests::{
-    blake3_file, compare_files, poll_until, temp_dir, wait_drained, Agent, Appliance, QemuIo, Rng,
-    Source, MIB,
-};
+use cdp_tests::{temp_dir, wait_drained, Agent, Appliance, QemuIo, Rng, Source, MIB};
 
 /// Longest wait for a job to drain after its disturbances.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -19,49 +17,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 /// serving (it is far above a healthy write's latency, far below a stall).
 const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
-/// A metric of the agent for `job` (0 when absent).
-fn agent_value(agent: &Agent, name: &str, labels: &[(&str, &str)]) -> f64 {
-    agent
-        .metrics()
-        .ok()
-        .and_then(|m| m.value(name, labels).ok())
-        .unwrap_or(0.0)
-}
-
-/// Whether the agent reports `job` in `state`.
-fn in_state(agent: &Agent, job: &str, state: &str) -> bool {
-    agent_value(agent, "cdp_job_state", &[("job", job), ("state", state)]) == 1.0
-}
-
-fn wait_state(agent: &Agent, job: &str, state: &str, timeout: Duration) -> Result<()> {
-    poll_until(&format!("the job going {state}"), timeout, || {
-        Ok(in_state(agent, job, state).then_some(()))
-    })
-    .with_context(|| agent.diagnostics())
-}
-
 /// UDP bytes the agent sent on replication connections since it started.
 fn wire_bytes(agent: &Agent, job: &str) -> f64 {
-    agent_value(agent, "cdp_wire_bytes_total", &[("job", job)])
-}
-
-/// Requires the replica of every disk to equal its source.
-fn assert_replicas_equal(agent: &Agent, appliance: &Appliance, job: &str) -> Result<()> {
-    for disk in agent.disks() {
-        let replica = appliance.replica_path(job, &disk.name);
-        if blake3_file(&disk.backing)? != blake3_file(&replica)? {
-            let diff = compare_files(&disk.backing, &replica)?
-                .map(|d| d.to_string())
-                .unwrap_or_default();
-            anyhow::bail!(
-                "disk {}: the replica differs from the source: {diff}\n{}\n{}",
-                disk.name,
-                agent.diagnostics(),
-                appliance.diagnostics()
-            );
-        }
-    }
-    Ok(())
+    agent.metric("cdp_wire_bytes_total", &[("job", job)])
 }
 
 /// A disk image of `size` bytes with random data in its first `data` bytes.
@@ -116,7 +74,7 @@ fn initial_sync_copies_a_disk_with_data_and_a_seeded_replica_costs_only_hashes()
     let offsets: Vec<u64> = (0..32).map(|i| i * 2 * MIB + 12_288).collect();
     write_from(&agent, "d0", &source, &offsets, 256 * 1024)?;
     wait_drained(&agent, &appliance, &job, DRAIN_TIMEOUT)?;
-    assert_replicas_equal(&agent, &appliance, &job)?;
+    assert_replicas_equal_sources(&agent, &appliance, &job)?;
     let sent = wire_bytes(&agent, &job);
     ensure!(
         sent > 24.0 * MIB as f64,
@@ -137,7 +95,7 @@ fn initial_sync_copies_a_disk_with_data_and_a_seeded_replica_costs_only_hashes()
         .start()?;
     let seeded_job = seeded.job_id()?;
     wait_drained(&seeded, &appliance, &seeded_job, DRAIN_TIMEOUT)?;
-    assert_replicas_equal(&seeded, &appliance, &seeded_job)?;
+    assert_replicas_equal_sources(&seeded, &appliance, &seeded_job)?;
     let sent = wire_bytes(&seeded, &seeded_job);
     ensure!(
         sent < 0.01 * size as f64,
@@ -167,7 +125,7 @@ fn an_outage_past_the_backlog_bound_goes_ahead_and_resyncs_without_stalling_writ
     let mut slowest = Duration::ZERO;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut round = 0u64;
-    while !in_state(&agent, &job, "ahead") {
+    while !agent.in_job_state(&job, "ahead") {
         ensure!(
             Instant::now() < deadline,
             "the job never went ahead\n{}",
@@ -191,12 +149,12 @@ fn an_outage_past_the_backlog_bound_goes_ahead_and_resyncs_without_stalling_writ
         slowest < WRITE_DEADLINE,
         "a write took {slowest:?} while the appliance was away"
     );
-    let dirty = agent_value(&agent, "cdp_dirty_bytes", &[("job", &job)]);
+    let dirty = agent.metric("cdp_dirty_bytes", &[("job", &job)]);
     ensure!(dirty > 0.0, "nothing is marked dirty while ahead");
 
     appliance.restart()?;
     wait_drained(&agent, &appliance, &job, DRAIN_TIMEOUT)?;
-    assert_replicas_equal(&agent, &appliance, &job)?;
+    assert_replicas_equal_sources(&agent, &appliance, &job)?;
     let log = agent.log_text();
     ensure!(
         log.contains("job goes ahead")
@@ -247,7 +205,7 @@ fn the_throttle_holds_the_wire_rate_and_pause_stops_shipping() -> Result<()> {
     // Pause: nothing more lands; resume: the job drains.
     let out = appliance.cdp(&["pause", "throttled"])?;
     ensure!(out.status.success(), "cdp pause failed: {out:?}");
-    wait_state(&agent, &job, "paused", Duration::from_secs(10))?;
+    agent.wait_job_state(&job, "paused", Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_secs(1));
     let landed = |a: &Appliance| -> Result<f64> {
         a.metrics()?
@@ -268,6 +226,6 @@ fn the_throttle_holds_the_wire_rate_and_pause_stops_shipping() -> Result<()> {
         ensure!(out.status.success(), "cdp {args:?} failed: {out:?}");
     }
     wait_drained(&agent, &appliance, &job, DRAIN_TIMEOUT)?;
-    assert_replicas_equal(&agent, &appliance, &job)?;
+    assert_replicas_equal_sources(&agent, &appliance, &job)?;
     Ok(())
 }
