@@ -593,7 +593,26 @@ pub async fn run_shipper(
             break;
         }
         replication.update(|s| s.state = LinkState::Connecting);
-        let end = match setup.client.connect(setup.target).await {
+        // A handshake with an appliance that is gone takes its full timeout: the backlog
+        // bound is watched meanwhile too.
+        let connecting = setup.client.connect(setup.target);
+        tokio::pin!(connecting);
+        let mut tick = tokio::time::interval(TICK_INTERVAL);
+        let connected = loop {
+            tokio::select! {
+                connected = &mut connecting => break Some(connected),
+                _ = stop.changed() => break None,
+                _ = tick.tick() => {
+                    refresh_oldest_unacked(&journal, &replication, shipper.acked_seq()).await;
+                    job.check_backlog(&journal, &replication, shipper.acked_seq());
+                    job.publish(&replication);
+                }
+            }
+        };
+        let Some(connected) = connected else {
+            break;
+        };
+        let end = match connected {
             Ok(connection) => {
                 delay = RECONNECT_DELAY_MIN;
                 tracing::info!(target = %setup.target, appliance = %connection.peer_name().as_str(), "connected to the appliance");
@@ -950,7 +969,13 @@ impl Link<'_> {
                 if !r.running() && calm {
                     r.begin().await.map_err(LinkError::Resync)?;
                 }
-                r.poll_work(backlog < self.job.backlog_bytes_max / 2);
+                // Each region in flight may append up to its size in resync writes: keep
+                // them to a quarter of the backlog bound, so the resync cannot trip it.
+                let region = r.tracker().map().region_bytes().max(1);
+                let limit = (self.job.backlog_bytes_max / 4 / region)
+                    .clamp(1, crate::resync::RESYNC_OUTSTANDING_MAX as u64)
+                    as usize;
+                r.poll_work(backlog < self.job.backlog_bytes_max / 2, limit);
                 if r.settle().await.map_err(LinkError::Resync)? {
                     self.replication.notify_appended();
                 }

@@ -209,13 +209,13 @@ impl Resync {
         Ok(())
     }
 
-    /// Starts more comparisons while fewer than [`RESYNC_OUTSTANDING_MAX`] are out and
-    /// `room` says the journal's backlog has room.
-    pub fn poll_work(&mut self, room: bool) {
+    /// Starts more comparisons while fewer than `limit` (at most
+    /// [`RESYNC_OUTSTANDING_MAX`]) are out and `room` says the journal's backlog has room.
+    pub fn poll_work(&mut self, room: bool, limit: usize) {
         if self.running.is_none() || !room {
             return;
         }
-        while self.asked.len() + self.tasks.len() < RESYNC_OUTSTANDING_MAX {
+        while self.asked.len() + self.tasks.len() < limit.min(RESYNC_OUTSTANDING_MAX) {
             let Some((disk, region)) = self.queue.pop_front() else {
                 break;
             };

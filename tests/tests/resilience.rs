@@ -6,10 +6,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use cdp_tests::appliance::assert_replicas_equal_sources;
 use cdp_tests::image::write_file;
-use cdp_tests::{temp_dir, wait_drained, Agent, Appliance, QemuIo, Rng, Source, MIB};
+use cdp_tests::{poll_until, temp_dir, wait_drained, Agent, Appliance, QemuIo, Rng, Source, MIB};
 
 /// Longest wait for a job to drain after its disturbances.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -167,6 +167,82 @@ fn an_outage_past_the_backlog_bound_goes_ahead_and_resyncs_without_stalling_writ
     ensure!(
         status[0]["consistent"] == true && status[0]["state"] == "replicating",
         "the appliance does not show the job consistent and replicating: {status:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn kill9_while_ahead_and_while_resyncing_resyncs_only_marked_regions() -> Result<()> {
+    let mut rng = Rng::for_test("kill9_ahead");
+    let work = temp_dir("cdp-kill9-ahead-")?;
+    let source = Source::create(&mut rng, &work.path().join("random.bin"))?;
+    let size = 256 * MIB;
+    let mut appliance = Appliance::start()?;
+    let mut agent = Agent::builder()
+        .disk("d0", size)
+        .replicate_to(&appliance)
+        .job_name("kill9")
+        .arg("--backlog-bytes-max=4194304")
+        .arg("--backlog-age-max-secs=2")
+        .arg("--throttle=8388608")
+        .start()?;
+    let job = agent.job_id()?;
+    wait_drained(&agent, &appliance, &job, DRAIN_TIMEOUT)?;
+
+    appliance.stop()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0u64;
+    while !agent.in_job_state(&job, "ahead") {
+        ensure!(
+            Instant::now() < deadline,
+            "the job never went ahead\n{}",
+            agent.diagnostics()
+        );
+        write_from(&agent, "d0", &source, &[(i % 8) * MIB], 512 * 1024)?;
+        i += 1;
+    }
+    // 48 regions dirtied while ahead, 1 MiB each.
+    let offsets: Vec<u64> = (0..48).map(|r| (16 + r * 4) * MIB).collect();
+    write_from(&agent, "d0", &source, &offsets, MIB)?;
+    agent.kill();
+    agent.restart()?;
+    // The appliance is still away, so nothing can clear them: the marks must be back.
+    poll_until(
+        "the dirty regions reported after kill -9",
+        Duration::from_secs(20),
+        || {
+            let dirty = agent.metric("cdp_dirty_bytes", &[("job", &job)]);
+            Ok((dirty >= 48.0 * MIB as f64).then_some(()))
+        },
+    )
+    .with_context(|| {
+        format!(
+            "the dirty regions did not survive kill -9\n{}",
+            agent.diagnostics()
+        )
+    })?;
+
+    // The appliance returns; the resync is throttled to 8 MiB/s, so it is caught midway.
+    appliance.restart()?;
+    agent.wait_job_state(&job, "resyncing", Duration::from_secs(60))?;
+    poll_until(
+        "the resync making progress",
+        Duration::from_secs(60),
+        || {
+            let remaining = agent.metric("cdp_resync_remaining_bytes", &[("job", &job)]);
+            Ok((remaining > 0.0 && remaining < 40.0 * MIB as f64).then_some(()))
+        },
+    )
+    .with_context(|| agent.diagnostics())?;
+    agent.kill();
+    agent.restart()?;
+    wait_drained(&agent, &appliance, &job, DRAIN_TIMEOUT)?;
+    assert_replicas_equal_sources(&agent, &appliance, &job)?;
+    // Since this last start, only what was still dirty travelled: far less than the disk.
+    let sent = wire_bytes(&agent, &job);
+    ensure!(
+        sent < 64.0 * MIB as f64,
+        "the resync after the restart sent {sent} bytes; the marked regions hold at most 56 MiB and the disk {size}"
     );
     Ok(())
 }
