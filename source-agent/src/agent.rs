@@ -304,12 +304,29 @@ impl Agent {
                     .iter()
                     .map(|(_, device, id)| (*id, device.size_bytes()))
                     .collect();
-                let map = crate::dirty::DirtyMap::open(
-                    &path,
-                    &sizes,
-                    crate::dirty::REGION_BYTES_DEFAULT,
-                    crate::dirty::Initial::Dirty,
-                )
+                let open = || {
+                    crate::dirty::DirtyMap::open(
+                        &path,
+                        &sizes,
+                        crate::dirty::REGION_BYTES_DEFAULT,
+                        crate::dirty::Initial::Dirty,
+                    )
+                };
+                let map = match open() {
+                    // Neither slot is readable: which regions were dirty is unknown, so every
+                    // region is (a full comparison by hashes, never a silent gap). The bad
+                    // file is kept beside for inspection.
+                    Err(e @ crate::dirty::OpenError::NoValidSlot { .. }) => {
+                        let kept = path.with_extension("map.unreadable");
+                        tracing::error!(error = %e, kept = %kept.display(), "the dirty map is unreadable: every region is treated as dirty and will be compared");
+                        std::fs::rename(&path, &kept).map_err(|source| StartError::DataDir {
+                            path: kept.clone(),
+                            source,
+                        })?;
+                        open()
+                    }
+                    other => other,
+                }
                 .map_err(|e| StartError::Replication(format!("{}: {e}", path.display())))?;
                 if created {
                     tracing::info!("new dirty map: every region is dirty until the initial sync has compared it");

@@ -248,6 +248,42 @@ fn kill9_while_ahead_and_while_resyncing_resyncs_only_marked_regions() -> Result
 }
 
 #[test]
+fn an_unreadable_dirty_map_makes_every_region_dirty_and_the_job_converges() -> Result<()> {
+    let size = 32 * MIB;
+    let appliance = Appliance::start()?;
+    let mut agent = Agent::builder()
+        .disk("d0", size)
+        .replicate_to(&appliance)
+        .job_name("bad-map")
+        .start()?;
+    let job = agent.job_id()?;
+    wait_drained(&agent, &appliance, &job, DRAIN_TIMEOUT)?;
+    agent.stop()?;
+    let map = agent.data_dir().join("dirty.map");
+    let len = std::fs::metadata(&map)?.len();
+    write_file(&map, &vec![0xa5; len as usize])?;
+    agent.restart()?;
+    // Besides the initial sync before the stop, a resync of the whole disk after it.
+    let whole = format!("bytes={size}");
+    poll_until("a resync of every region", Duration::from_secs(30), || {
+        let log = agent.log_text();
+        let whole_disk_resyncs = log
+            .lines()
+            .filter(|l| l.contains("resync begins") && l.contains(&whole))
+            .count();
+        Ok((whole_disk_resyncs >= 2 && log.contains("after an agent restart")).then_some(()))
+    })
+    .with_context(|| agent.diagnostics())?;
+    ensure!(
+        agent.data_dir().join("dirty.map.unreadable").exists(),
+        "the unreadable map was not kept for inspection"
+    );
+    wait_drained(&agent, &appliance, &job, DRAIN_TIMEOUT)?;
+    assert_replicas_equal_sources(&agent, &appliance, &job)?;
+    Ok(())
+}
+
+#[test]
 fn the_throttle_holds_the_wire_rate_and_pause_stops_shipping() -> Result<()> {
     let mut rng = Rng::for_test("throttle");
     let work = temp_dir("cdp-throttle-")?;
