@@ -345,10 +345,12 @@ impl Agent {
                 )));
                 initial_sync = created;
             }
-            replication = Some(Arc::new(Replication::new(
+            let shipping_replication = Arc::new(Replication::new(
                 setup.job.mode,
                 Duration::from_millis(settings.sync_ack_timeout_ms),
-            )));
+            ));
+            shipping_replication.set_agent_throttle(settings.throttle_bytes_per_second);
+            replication = Some(shipping_replication);
             shipping = Some((setup, journal));
         }
         let metrics = Arc::new(AgentMetrics::new());
@@ -655,7 +657,6 @@ fn shipper_setup(
         resync: None,
         backlog_bytes_max: settings.backlog_bytes_max,
         backlog_age_max: Duration::from_secs(settings.backlog_age_max_secs),
-        throttle_bytes_per_second: settings.throttle_bytes_per_second,
         job,
         target: settings.target,
         client,
@@ -679,8 +680,15 @@ fn remove_stale_socket(path: &Path) {
 }
 
 /// Starts the agent, prints the start-up lines and `ready` on stdout, serves until `stop`.
-pub async fn run(config: AgentConfig, stop: impl Future<Output = ()>) -> Result<(), RunError> {
+pub async fn run(
+    config: AgentConfig,
+    config_file: Option<PathBuf>,
+    stop: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     let agent = Agent::start(&config).await?;
+    if let Some(replication) = agent.replication.clone() {
+        tokio::spawn(reload_on_sighup(config_file, replication));
+    }
     let mut stdout = std::io::stdout().lock();
     for listener in agent.listening() {
         writeln!(stdout, "{listener}").map_err(RunError::Stdout)?;
@@ -690,4 +698,37 @@ pub async fn run(config: AgentConfig, stop: impl Future<Output = ()>) -> Result<
     drop(stdout);
     agent.serve(stop).await?;
     Ok(())
+}
+
+/// On every SIGHUP, re-reads the configuration file and applies what can change while the
+/// agent runs: the replication throttle. Everything else needs a restart (and says so).
+async fn reload_on_sighup(config_file: Option<PathBuf>, replication: Arc<Replication>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP: the throttle cannot be changed at run time");
+            return;
+        }
+    };
+    while hangup.recv().await.is_some() {
+        let Some(path) = &config_file else {
+            tracing::warn!(
+                "SIGHUP: the agent was started with flags, not --config: nothing to re-read"
+            );
+            continue;
+        };
+        match AgentConfig::from_file(path).map(|c| c.replication) {
+            Ok(Some(settings)) => {
+                replication.set_agent_throttle(settings.throttle_bytes_per_second);
+                tracing::info!(throttle_bytes_per_second = settings.throttle_bytes_per_second, file = %path.display(), "SIGHUP: throttle re-read (other settings need a restart)");
+            }
+            Ok(None) => {
+                tracing::warn!(file = %path.display(), "SIGHUP: the file has no [replication] section any more; a restart is needed to stop replicating")
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "SIGHUP: the configuration file does not read; nothing changed")
+            }
+        }
+    }
 }

@@ -9,9 +9,12 @@
 //! journal), [`ranges`] (write ordering), [`registry`] (stable disk ids), [`metrics`],
 //! [`replay`], [`redo`] (the backing disks kept in step with the journal: redo at start,
 //! the synced watermark that bounds trimming), [`replicate`] (shipping the journal to the appliance: the driver of
-//! `journal::ship::Shipper`).
+//! `journal::ship::Shipper`; backlog bound, throttle, pause, job state), [`tracker`] (tracking
+//! instead of journalling past the bound), [`dirty`] (the crash-safe dirty map), [`resync`]
+//! (initial sync and resync by block hashes).
 //!
-//! Must never acknowledge a write that is not in the journal, and never let client input
+//! Must never acknowledge a write that is neither in the journal nor, while the job is
+//! `ahead`, covered by a durable dirty mark, and never let client input
 //! panic the process or reach a disk unvalidated.
 
 // Tests may unwrap: a panic there is a failed test. `cargo clippy --all-targets` also lints

@@ -1,5 +1,5 @@
 //! `cdp-agent`: parses arguments, sets up tracing (stderr), and runs the agent library until
-//! SIGINT or SIGTERM, pairs with an appliance, or replays a journal. Nothing else lives here.
+//! SIGINT or SIGTERM (SIGHUP re-reads the throttle), pairs with an appliance, or replays a journal. Nothing else lives here.
 
 use anyhow::Context;
 use clap::Parser;
@@ -17,6 +17,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => {
+            let config_file = args.config.clone();
             let config = args.into_config().context("reading the configuration")?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -24,7 +25,7 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             runtime.block_on(async {
                 let stop = stop_signal().context("installing signal handlers")?;
-                source_agent::run(config, stop)
+                source_agent::run(config, config_file, stop)
                     .await
                     .context("cdp-agent run")
             })

@@ -115,6 +115,9 @@ pub struct Replication {
     /// Sync mode fell back to async after an ack timed out; cleared when the appliance
     /// catches up.
     degraded: AtomicBool,
+    /// The agent's own bandwidth limit in bytes per second (0: none); changeable at run time
+    /// (`SIGHUP` re-reads the configuration file).
+    agent_throttle: std::sync::atomic::AtomicU64,
     status: Mutex<ShipStatus>,
 }
 
@@ -142,6 +145,7 @@ impl Replication {
             acked,
             appended: Notify::new(),
             degraded: AtomicBool::new(false),
+            agent_throttle: std::sync::atomic::AtomicU64::new(0),
             status: Mutex::new(ShipStatus {
                 state: LinkState::Connecting,
                 reason: None,
@@ -186,6 +190,17 @@ impl Replication {
                 "sync replication: no ack from the appliance in time; acknowledging writes after the local journal until it catches up"
             );
         }
+    }
+
+    /// Sets the agent's own bandwidth limit (0: none); the driver applies it within a tick.
+    pub fn set_agent_throttle(&self, bytes_per_second: u64) {
+        self.agent_throttle
+            .store(bytes_per_second, Ordering::Release);
+    }
+
+    /// The agent's own bandwidth limit (0: none).
+    pub fn agent_throttle(&self) -> u64 {
+        self.agent_throttle.load(Ordering::Acquire)
     }
 
     /// Whether sync mode has fallen back to async.
@@ -256,8 +271,6 @@ pub struct ShipperSetup {
     pub backlog_bytes_max: u64,
     /// Age of the oldest unacknowledged write past which the job goes `ahead`.
     pub backlog_age_max: Duration,
-    /// The agent's own bandwidth limit (0: none).
-    pub throttle_bytes_per_second: u64,
 }
 
 /// Unacknowledged journal bytes, from samples of (head seq, stored bytes appended so far).
@@ -346,7 +359,6 @@ struct Job {
     backlog: Backlog,
     backlog_bytes_max: u64,
     backlog_age_max: Duration,
-    agent_throttle: u64,
     /// The appliance's settings, as last received.
     control: journal::wire::Control,
     throttle: Throttle,
@@ -576,7 +588,6 @@ pub async fn run_shipper(
         backlog: Backlog::default(),
         backlog_bytes_max: setup.backlog_bytes_max,
         backlog_age_max: setup.backlog_age_max,
-        agent_throttle: setup.throttle_bytes_per_second,
         control: journal::wire::Control {
             paused: false,
             throttle_bytes_per_second: 0,
@@ -636,6 +647,8 @@ pub async fn run_shipper(
                     Err(e) => End::Failed(format!("opening the job's stream: {e}")),
                 };
                 wire_before += connection.udp_sent_bytes();
+                let (lost, datagrams) = connection.loss_stats();
+                tracing::info!(sent_bytes = connection.udp_sent_bytes(), datagrams, lost_packets = lost, "connection to the appliance ends");
                 connection.close(transport::CloseCode::Done.code(), b"agent closing");
                 end
             }
@@ -891,7 +904,7 @@ impl Link<'_> {
                                 tracing::info!(paused = control.paused, throttle_bytes_per_second = control.throttle_bytes_per_second, "the appliance changed the job's link settings");
                             }
                             self.job.control = control;
-                            self.job.throttle.set_rate(min_rate(self.job.agent_throttle, control.throttle_bytes_per_second));
+                            self.job.throttle.set_rate(min_rate(self.replication.agent_throttle(), control.throttle_bytes_per_second));
                             if !control.paused && held.is_some() {
                                 held_until = Some(tokio::time::Instant::now());
                             }
@@ -946,6 +959,10 @@ impl Link<'_> {
     ) -> Result<(), LinkError> {
         let journal = self.journal;
         let acked = self.shipper.acked_seq();
+        self.job.throttle.set_rate(min_rate(
+            self.replication.agent_throttle(),
+            self.job.control.throttle_bytes_per_second,
+        ));
         self.job.check_backlog(journal, self.replication, acked);
         let backlog = self.replication.status().backlog_bytes;
         let settled = streaming_since.is_some_and(|t| t.elapsed() >= RESYNC_AFTER_STREAMING);

@@ -311,6 +311,13 @@ impl Connection {
     pub fn udp_sent_bytes(&self) -> u64 {
         self.inner.stats().udp_tx.bytes
     }
+
+    /// Packets this side declared lost (and sent again) on the connection, and the UDP
+    /// datagrams it sent.
+    pub fn loss_stats(&self) -> (u64, u64) {
+        let stats = self.inner.stats();
+        (stats.path.lost_packets, stats.udp_tx.datagrams)
+    }
 }
 
 fn close(inner: &quinn::Connection, code: CloseCode) {
