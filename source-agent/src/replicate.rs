@@ -648,7 +648,12 @@ pub async fn run_shipper(
                 };
                 wire_before += connection.udp_sent_bytes();
                 let (lost, datagrams) = connection.loss_stats();
-                tracing::info!(sent_bytes = connection.udp_sent_bytes(), datagrams, lost_packets = lost, "connection to the appliance ends");
+                tracing::info!(
+                    sent_bytes = connection.udp_sent_bytes(),
+                    datagrams,
+                    lost_packets = lost,
+                    "connection to the appliance ends"
+                );
                 connection.close(transport::CloseCode::Done.code(), b"agent closing");
                 end
             }
