@@ -398,6 +398,20 @@ impl Agent {
                     })
                 })
                 .collect();
+            if let (Some(r), false) = (&replication, tracker.map().is_clean()) {
+                let (state, reason) = if initial_sync {
+                    (
+                        journal::wire::JobState::Syncing,
+                        "initial sync; waiting for the link",
+                    )
+                } else {
+                    (
+                        journal::wire::JobState::Resyncing,
+                        "after an agent restart; waiting for the link",
+                    )
+                };
+                r.set_job_state(state, reason);
+            }
             setup.resync = Some(crate::resync::Resync::new(
                 Arc::clone(tracker),
                 Arc::clone(w),

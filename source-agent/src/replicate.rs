@@ -203,6 +203,15 @@ impl Replication {
         self.agent_throttle.load(Ordering::Acquire)
     }
 
+    /// Sets the job's state before the driver runs (so the first scrape already shows a
+    /// pending sync); the driver keeps it current from then on.
+    pub fn set_job_state(&self, state: JobState, reason: &str) {
+        self.update(|s| {
+            s.job_state = state;
+            s.job_reason = reason.to_owned();
+        });
+    }
+
     /// Whether sync mode has fallen back to async.
     pub fn degraded(&self) -> bool {
         self.degraded.load(Ordering::Acquire)
