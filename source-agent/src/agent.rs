@@ -659,7 +659,8 @@ fn shipper_setup(
         &identity,
         Arc::new(trust),
     )
-    .map_err(|e| StartError::Replication(format!("QUIC endpoint: {e}")))?;
+    .map_err(|e| StartError::Replication(format!("QUIC endpoint: {e}")))?
+    .with_congestion(settings.congestion()?);
     let fault = transport::Fault::from_env();
     if let Some(fault) = fault {
         tracing::warn!(

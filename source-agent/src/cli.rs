@@ -46,7 +46,7 @@ pub struct PairArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// TOML configuration file (see docs/agent.md); excludes the other flags.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["data_dir", "nbd_listen", "nbd_socket", "disk", "metrics_listen", "filters", "target", "mode", "job_name", "checkpoint_hook", "backlog_bytes_max", "backlog_age_max_secs", "throttle"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["data_dir", "nbd_listen", "nbd_socket", "disk", "metrics_listen", "filters", "target", "mode", "job_name", "checkpoint_hook", "backlog_bytes_max", "backlog_age_max_secs", "throttle", "congestion"])]
     pub config: Option<PathBuf>,
     /// Data directory (journal and disk table).
     #[arg(long, value_name = "DIR", required_unless_present = "config")]
@@ -89,6 +89,9 @@ pub struct RunArgs {
     /// Stored bytes per second the agent ships, at most [default: no limit].
     #[arg(long, value_name = "BYTES_PER_SECOND", requires = "target")]
     pub throttle: Option<u64>,
+    /// Congestion control of the link: cubic (default) or bbr (lossy WAN links).
+    #[arg(long, value_name = "NAME", requires = "target")]
+    pub congestion: Option<String>,
 }
 
 impl RunArgs {
@@ -120,6 +123,9 @@ impl RunArgs {
             }
             if let Some(rate) = self.throttle {
                 replication.throttle_bytes_per_second = rate;
+            }
+            if let Some(congestion) = self.congestion {
+                replication.congestion = congestion;
             }
             config.replication = Some(replication);
         }

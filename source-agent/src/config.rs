@@ -92,6 +92,11 @@ pub struct ReplicationSettings {
     /// can set a lower limit per job at run time (`cdp throttle`).
     #[serde(default)]
     pub throttle_bytes_per_second: u64,
+    /// Congestion control of the link: `cubic` (default) or `bbr` (for lossy WAN links:
+    /// CUBIC's rate falls far below the link's capacity there; quinn marks its BBR
+    /// experimental).
+    #[serde(default = "default_congestion")]
+    pub congestion: String,
 }
 
 impl ReplicationSettings {
@@ -108,7 +113,14 @@ impl ReplicationSettings {
             backlog_bytes_max: default_backlog_bytes_max(),
             backlog_age_max_secs: default_backlog_age_max_secs(),
             throttle_bytes_per_second: 0,
+            congestion: default_congestion(),
         }
+    }
+
+    /// The congestion controller, checked.
+    pub fn congestion(&self) -> Result<transport::Congestion, ConfigError> {
+        transport::Congestion::parse(&self.congestion)
+            .ok_or_else(|| ConfigError::Congestion(self.congestion.clone()))
     }
 
     /// The replication mode, checked.
@@ -135,6 +147,10 @@ fn default_inflight_bytes_max() -> u64 {
 
 fn default_batch_bytes_max() -> u64 {
     1 << 20
+}
+
+fn default_congestion() -> String {
+    "cubic".to_owned()
 }
 
 fn default_backlog_bytes_max() -> u64 {
@@ -320,6 +336,9 @@ pub enum ConfigError {
     /// The replication mode is not one of the two.
     #[error("replication mode {0:?}: use async or sync")]
     Mode(String),
+    /// The congestion controller is not one cdp knows.
+    #[error("congestion controller {0:?}: use cubic or bbr")]
+    Congestion(String),
     /// A replication setting is out of range.
     #[error("replication: {0}")]
     Replication(&'static str),

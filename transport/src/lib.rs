@@ -44,11 +44,11 @@ pub use identity::{
 pub use pairing::{CloseCode, ALPN_PAIRING, ALPN_REPLICATION};
 pub use pending::{AddTokenError, ConsumeTokenError, PendingTokens, PENDING_TOKENS_MAX};
 pub use quic::{
-    pair_agent, BindError, Client, ClosedStream, ConnectError, Connection, ConnectionError,
-    PairError, ReadError, ReadExactError, ReadToEndError, RecvStream, SendStream, Server, VarInt,
-    WriteError, ADMITTED, CONNECTION_RECEIVE_WINDOW_BYTES, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT,
-    KEEP_ALIVE_INTERVAL, PAIRING_SESSION_TIMEOUT, SEND_WINDOW_BYTES, STREAMS_BIDI_MAX,
-    STREAMS_UNI_MAX, STREAM_RECEIVE_WINDOW_BYTES,
+    pair_agent, BindError, Client, ClosedStream, Congestion, ConnectError, Connection,
+    ConnectionError, PairError, ReadError, ReadExactError, ReadToEndError, RecvStream, SendStream,
+    Server, VarInt, WriteError, ADMITTED, CONNECTION_RECEIVE_WINDOW_BYTES, HANDSHAKE_TIMEOUT,
+    IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL, PAIRING_SESSION_TIMEOUT, SEND_WINDOW_BYTES,
+    STREAMS_BIDI_MAX, STREAMS_UNI_MAX, STREAM_RECEIVE_WINDOW_BYTES,
 };
 pub use trust::{
     LoadTrustError, OnNameTaken, PeerName, PeerNameError, PinError, PinnedPeer, TrustStore,

@@ -80,8 +80,36 @@ const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// connection (version 1 of the admission).
 pub const ADMITTED: [u8; 1] = [1];
 
+/// The congestion controller a sender runs on a replication connection (the agent's
+/// choice: it sends the data).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Congestion {
+    /// CUBIC (quinn's default): backs off on every loss, so on a lossy long link its rate
+    /// stays far below the link's capacity (about MSS / (RTT × √loss)).
+    #[default]
+    Cubic,
+    /// BBR (quinn's implementation is marked experimental): paces at the measured bottleneck
+    /// bandwidth and does not treat random loss as congestion; for lossy WAN links.
+    Bbr,
+}
+
+impl Congestion {
+    /// The controller named `name` (`cubic` or `bbr`).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "cubic" => Some(Congestion::Cubic),
+            "bbr" => Some(Congestion::Bbr),
+            _ => None,
+        }
+    }
+}
+
 /// QUIC transport parameters shared by both sides.
 fn transport_config() -> Arc<quinn::TransportConfig> {
+    Arc::new(base_transport_config())
+}
+
+fn base_transport_config() -> quinn::TransportConfig {
     let mut config = quinn::TransportConfig::default();
     config
         .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
@@ -96,7 +124,7 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
         .max_concurrent_uni_streams(VarInt::from_u32(STREAMS_UNI_MAX))
         // No datagrams: one less way to send bytes nobody reads.
         .datagram_receive_buffer_size(None);
-    Arc::new(config)
+    config
 }
 
 /// Why an endpoint could not be set up.
@@ -753,6 +781,17 @@ impl Client {
             config,
             trust,
         })
+    }
+
+    /// The same endpoint, its connections sending under `congestion`.
+    pub fn with_congestion(mut self, congestion: Congestion) -> Self {
+        let mut transport = base_transport_config();
+        if congestion == Congestion::Bbr {
+            transport
+                .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        }
+        self.config.transport_config(Arc::new(transport));
+        self
     }
 
     /// Opens a replication connection to `addr`, which must present a pinned certificate
