@@ -396,6 +396,7 @@ impl AgentConfig {
         self.validate_limits()?;
         if let Some(r) = &self.replication {
             r.mode()?;
+            r.congestion()?;
             let checks = [
                 (
                     r.sync_ack_timeout_ms > 0,
@@ -553,6 +554,27 @@ mod tests {
     }
 
     const HEAD: &str = "data_dir = \"/d\"\nnbd_socket = [\"/s\"]\n";
+
+    #[test]
+    fn the_congestion_controller_is_cubic_bbr_or_refused() {
+        let disk = "[[disk]]\nname = \"vm1\"\npath = \"/a\"\n";
+        let with =
+            |line: &str| format!("{HEAD}{disk}[replication]\ntarget = \"127.0.0.1:7443\"\n{line}");
+        check(&with(""), "vm1:stats>journal:512");
+        check(&with("congestion = \"bbr\"\n"), "vm1:stats>journal:512");
+        check(
+            &with("congestion = \"reno\"\n"),
+            "congestion controller \"reno\": use cubic or bbr",
+        );
+        let config: AgentConfig = toml::from_str(&with("congestion = \"bbr\"\n")).unwrap();
+        let replication = config.replication.unwrap();
+        assert_eq!(
+            replication.congestion().unwrap(),
+            transport::Congestion::Bbr
+        );
+        assert_eq!(replication.backlog_bytes_max, 1 << 30);
+        assert_eq!(replication.backlog_age_max_secs, 600);
+    }
 
     #[test]
     fn configurations() {
